@@ -1,0 +1,66 @@
+"""Save a compressed model as an artifact, and load it back into a runnable module.
+
+The artifact holds every tensor of the compressed model (``core.artifact`` codec) and a header that
+says how to rebuild the module around them: the task's architecture factory and the plan.  Loading
+calls the factory, lets each technique of the plan restore the *structure* it leaves
+(``Technique.restore_structure``), then loads the tensors, so the loaded module computes bitwise
+the same outputs as the one that was saved, and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimforge.core.artifact import read_artifact, write_artifact
+from slimforge.core.errors import ArtifactError
+from slimforge.core.plan import Plan
+from slimforge.core.task import FactoryRef, Task
+from slimforge.core.technique import TechniqueRegistry
+
+
+@dataclass
+class LoadedArtifact:
+    model: nn.Module
+    plan: Plan
+    meta: dict[str, Any]
+
+
+def save_model(model: nn.Module, path: str | Path, *, task: Task, plan: Plan, extra: dict | None = None) -> int:
+    """Write ``model`` to ``path`` atomically; return the file's size in bytes."""
+    example = task.example_inputs()[0]
+    meta = {
+        "kind": "compressed-model",
+        "task": task.source,
+        "task_name": task.name,
+        "architecture": task.architecture.to_dict(),
+        "plan": plan.to_dict(),
+        "example_input": {"shape": list(example.shape), "dtype": str(example.dtype).removeprefix("torch.")},
+        **(extra or {}),
+    }
+    return write_artifact(path, model.state_dict(), meta)
+
+
+def load_model(path: str | Path, registry: TechniqueRegistry) -> LoadedArtifact:
+    meta, tensors = read_artifact(path)
+    if meta.get("kind") != "compressed-model":
+        raise ArtifactError(f"{path}: holds a {meta.get('kind', 'unknown')!r}, not a compressed model")
+    plan = Plan.from_dict(meta["plan"])
+    model = FactoryRef.from_dict(meta["architecture"]).call("artifact architecture")
+    if not isinstance(model, nn.Module):
+        raise ArtifactError(f"{path}: architecture factory returned {type(model).__name__}, not an nn.Module")
+    dtype = getattr(torch, meta["example_input"]["dtype"]) if meta["example_input"]["dtype"] in ("float32", "float16", "bfloat16", "int64") else torch.float32
+    example_inputs = (torch.zeros(meta["example_input"]["shape"], dtype=dtype),)
+    model.eval()
+    for step in plan.steps:
+        technique = registry.get(step.technique)
+        model = technique.restore_structure(model, technique.config_from_dict(step.config), example_inputs)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path}: tensors do not fit the rebuilt model ({str(exc).splitlines()[0]})") from None
+    return LoadedArtifact(model=model.eval(), plan=plan, meta=meta)

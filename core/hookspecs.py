@@ -1,0 +1,94 @@
+"""Every slimforge hook, in lifecycle order.
+
+All hooks take keyword arguments only (pluggy's rule) and are prefixed ``slimforge_``.  Only
+``slimforge.core.manager`` calls them; plugins implement them with ``@slimforge.core.hookimpl``.
+
+Stability: hooks marked *stable* keep their signature within a major version; *provisional* ones may
+still gain arguments (pluggy lets implementations accept a subset of arguments, so adding one is
+not breaking for implementers).
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("slimforge")
+hookimpl = pluggy.HookimplMarker("slimforge")
+
+
+# --- set-up -------------------------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def slimforge_addhooks(pluginmanager):
+    """(stable) Add new hook specifications: ``pluginmanager.add_hookspecs(module)``.
+
+    Historic: a plugin registered late still sees it.
+    """
+
+
+@hookspec(historic=True)
+def slimforge_configure(config):
+    """(provisional) Called once with the resolved search settings (a ``dict``) before a search.
+
+    Historic, so a plugin loaded after configuration still receives it.
+    """
+
+
+@hookspec
+def slimforge_register_techniques(registry):
+    """(stable) Add technique classes to ``registry`` (a ``TechniqueRegistry``): ``registry.add(Cls)``.
+
+    Every plugin's implementation runs; the planner later calls techniques directly, so no hook
+    fans ``apply`` out to all plugins.
+    """
+
+
+# --- search lifecycle: trackers and reporters listen here ---------------------------------------
+
+
+@hookspec
+def slimforge_search_start(settings, task, baseline):
+    """(provisional) A search begins.  ``settings`` is a dict, ``baseline`` the uncompressed
+    ``Measurements`` on validation data.  Return values are ignored."""
+
+
+@hookspec
+def slimforge_trial_start(number, plan):
+    """(provisional) Trial ``number`` is about to run ``plan``."""
+
+
+@hookspec
+def slimforge_trial_end(record):
+    """(provisional) Trial finished (complete, rejected or failed); ``record`` is a ``TrialRecord``.
+
+    Return a ``dict`` of links to attach to the record (e.g. ``{"mlflow_run_id": ...}``) or None;
+    the dicts of all implementations are merged into ``record.links``.
+    """
+
+
+@hookspec
+def slimforge_search_end(result):
+    """(provisional) The search finished; ``result`` is a ``SearchResult`` whose Pareto members
+    already carry test-split measurements.
+
+    Return ``{trial_number: {link: value}}`` (e.g. registered model versions) or None; merged into
+    each Pareto member's ``links``.
+    """
+
+
+# --- measurement: first non-None result wins; the core defaults are registered last ------------
+
+
+@hookspec(firstresult=True)
+def slimforge_measure_size(path):
+    """(stable) Bytes of the artifact file at ``path``.  Core default: ``os.path.getsize``."""
+
+
+@hookspec(firstresult=True)
+def slimforge_measure_latency(model, example_inputs, device, settings):
+    """(stable) Time one forward pass of ``model`` on ``device``; return a ``LatencyStats``.
+
+    ``settings`` is a ``LatencySettings`` (warm-up, repeats, threads).  Core default: median of
+    wall-clock repeats on CPU, CUDA events on GPU.
+    """

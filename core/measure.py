@@ -1,0 +1,122 @@
+"""Honest measurement: metric on held-out data, latency timed on the device, size = file bytes.
+
+The default size and latency implementations are registered as the *last* plugins, so another
+plugin's ``slimforge_measure_latency`` (e.g. an ONNX Runtime timer) takes precedence.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+from slimforge.core.errors import ConfigError
+from slimforge.core.hookspecs import hookimpl
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    batch_size: int = 1
+    warmup: int = 20
+    repeats: int = 100
+    threads: int = 1  # pinned so numbers compare across trials on a shared machine
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "repeats", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"latency {name}: must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ConfigError(f"latency warmup: must be >= 0, got {self.warmup}")
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+    device: str
+    method: str
+
+
+@dataclass
+class Measurements:
+    """What a trial or a baseline measured.  ``accuracy`` is the task metric on ``split``."""
+
+    accuracy: float
+    size_bytes: int
+    latency_ms: float
+    split: str = "val"
+    latency_p90_ms: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(model: torch.nn.Module, dataset, metric, device: str = "cpu", batch_size: int = 500) -> float:
+    """The task metric of ``model`` on the whole of ``dataset``."""
+    model.eval()
+    outputs, targets = [], []
+    with torch.inference_mode():
+        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            outputs.append(model(x.to(device)).float().cpu())
+            targets.append(y)
+    return float(metric(torch.cat(outputs), torch.cat(targets)))
+
+
+def time_forward(model, example_inputs, device: str, settings: LatencySettings) -> LatencyStats:
+    """Median wall time of one forward pass after warm-up; CUDA events on GPUs."""
+    model.eval()
+    inputs = tuple(t.to(device) for t in example_inputs)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(settings.warmup):
+                model(*inputs)
+            samples = (_cuda_samples if device.startswith("cuda") else _cpu_samples)(model, inputs, settings.repeats)
+    finally:
+        torch.set_num_threads(previous_threads)
+    samples.sort()
+    decile = max(0, len(samples) // 10)
+    method = "cuda-events" if device.startswith("cuda") else f"perf_counter, {settings.threads} thread(s)"
+    return LatencyStats(statistics.median(samples), samples[decile], samples[-1 - decile],
+                        settings.repeats, device, method)
+
+
+def _cpu_samples(model, inputs, repeats: int) -> list[float]:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        model(*inputs)
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    return samples
+
+
+def _cuda_samples(model, inputs, repeats: int) -> list[float]:
+    samples = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        model(*inputs)
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(begin.elapsed_time(end))
+    return samples
+
+
+class DefaultMeasurements:
+    """Core implementations of the measurement hooks (registered last)."""
+
+    @hookimpl(trylast=True)
+    def slimforge_measure_size(self, path):
+        return os.path.getsize(path)
+
+    @hookimpl(trylast=True)
+    def slimforge_measure_latency(self, model, example_inputs, device, settings):
+        return time_forward(model, example_inputs, device, settings)

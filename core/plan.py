@@ -1,0 +1,87 @@
+"""Plans: ordered (technique, config) steps plus recovery-training settings and a seed.
+
+A plan is what a trial reproduces from, so it must round-trip through JSON exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimforge.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    technique: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Fine-tuning after the structural stages.  ``epochs == 0`` means none."""
+
+    epochs: int = 0
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"recovery.epochs: must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ConfigError(f"recovery.lr: must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[PlanStep, ...] = ()
+    recovery: Recovery = Recovery()
+    seed: int = 0
+
+    @property
+    def technique_names(self) -> list[str]:
+        return [step.technique for step in self.steps]
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. ``magnitude_pruning(sparsity=0.9) > int8_ptq``."""
+        if not self.steps:
+            return "baseline (no compression)"
+        parts = []
+        for step in self.steps:
+            args = ",".join(f"{k}={_short(v)}" for k, v in step.config.items())
+            parts.append(f"{step.technique}({args})" if args else step.technique)
+        text = " > ".join(parts)
+        if self.recovery.epochs:
+            text += f" + finetune {self.recovery.epochs}ep"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": [{"technique": s.technique, "config": s.config} for s in self.steps],
+            "recovery": {"epochs": self.recovery.epochs, "lr": self.recovery.lr},
+            "seed": self.seed,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        try:
+            steps = tuple(PlanStep(s["technique"], dict(s.get("config", {}))) for s in data.get("steps", []))
+            recovery = Recovery(**data.get("recovery", {}))
+            return cls(steps=steps, recovery=recovery, seed=int(data.get("seed", 0)))
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"plan: malformed ({exc})") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "/".join(f"{k}:{_short(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "/".join(_short(v) for v in value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

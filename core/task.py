@@ -1,0 +1,224 @@
+"""Tasks: what to compress.  Built-in and user tasks are the same type.
+
+A user task is a TOML file whose ``[task]`` table points at ``module:function`` factories::
+
+    [task]
+    name = "my-digits"
+    model = "mypkg.models:trained_model"   # -> trained nn.Module (the teacher)
+    data = "mypkg.data:splits"             # -> {"train", "val", "test"[, "calibration"]} datasets
+    metric = "mypkg.metrics:accuracy"      # optional: (outputs, targets) -> float, higher is better
+
+The model factory is also how an artifact rebuilds the architecture before loading its tensors, so
+it must be importable wherever the artifact is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimforge.core.errors import ConfigError, TaskError, UnknownNameError
+
+REQUIRED_SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class FactoryRef:
+    """An importable ``module:function`` with keyword arguments; JSON-serialisable."""
+
+    target: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self, field_name: str = "factory") -> Callable[..., Any]:
+        module_name, sep, attr = self.target.partition(":")
+        if not sep or not module_name or not attr:
+            raise ConfigError(f"{field_name}: expected 'module:function', got {self.target!r}")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise TaskError(f"{field_name}: cannot import module {module_name!r} ({exc})") from None
+        try:
+            obj = module
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            raise TaskError(f"{field_name}: module {module_name!r} has no attribute {attr!r}") from None
+        return obj
+
+    def call(self, field_name: str = "factory") -> Any:
+        factory = self.resolve(field_name)
+        try:
+            return factory(**self.kwargs)
+        except Exception as exc:  # user code: report it on one line, keep the type name
+            raise TaskError(f"{field_name}: {self.target} raised {type(exc).__name__}: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "kwargs": self.kwargs}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FactoryRef:
+        return cls(data["target"], dict(data.get("kwargs", {})))
+
+
+def accuracy(outputs, targets) -> float:
+    """Top-1 accuracy of class scores ``outputs`` (N, C) against integer ``targets`` (N,)."""
+    return float((outputs.argmax(dim=1) == targets).float().mean())
+
+
+@dataclass
+class Task:
+    """A model to compress with its data, metric and the inputs latency is timed on.
+
+    ``architecture`` rebuilds the (untrained) model structure when an artifact is loaded;
+    ``teacher`` is the trained original that compression starts from.
+    """
+
+    name: str
+    architecture: FactoryRef
+    teacher_factory: Callable[[], Any]
+    splits: dict[str, Any]
+    metric: Callable[[Any, Any], float] = accuracy
+    metric_name: str = "accuracy"
+    source: dict[str, Any] = field(default_factory=dict)  # how to rebuild this task (for artifacts)
+    _teacher: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        missing = [s for s in REQUIRED_SPLITS if s not in self.splits]
+        if missing:
+            raise TaskError(f"task {self.name!r}: data is missing split(s) {missing}; need {list(REQUIRED_SPLITS)}")
+        for split, dataset in self.splits.items():
+            try:
+                size = len(dataset)
+            except TypeError:
+                raise TaskError(f"task {self.name!r}: split {split!r} has no len(); give a map-style Dataset") from None
+            if size == 0:
+                raise TaskError(f"task {self.name!r}: split {split!r} is empty")
+
+    @property
+    def teacher(self):
+        """The trained original model, built once on first use."""
+        if self._teacher is None:
+            from torch import nn
+
+            model = self.teacher_factory()
+            if not isinstance(model, nn.Module):
+                raise TaskError(f"task {self.name!r}: model factory returned {type(model).__name__}, not a torch.nn.Module")
+            self._teacher = model.eval()
+        return self._teacher
+
+    def split(self, name: str):
+        if name not in self.splits:
+            raise UnknownNameError("split", name, self.splits)
+        return self.splits[name]
+
+    @property
+    def calibration(self):
+        """Data for post-training calibration: a dedicated split if given, else training data."""
+        return self.splits.get("calibration", self.splits["train"])
+
+    def example_inputs(self, batch_size: int = 1):
+        """A batch of real inputs from the validation split, used for tracing and latency timing."""
+        import torch
+
+        dataset = self.splits["val"]
+        items = [dataset[i][0] for i in range(min(batch_size, len(dataset)))]
+        return (torch.stack(items),)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def builtin_tasks() -> dict[str, Callable[..., Task]]:
+    from slimforge.core import embedded
+
+    return {"mnist-lenet5": embedded.mnist_lenet5_task}
+
+
+def load_task(spec: str | Path | None = None, **builtin_kwargs: Any) -> Task:
+    """Resolve ``spec``: None -> the embedded default; a built-in name; or a TOML config path."""
+    builtins = builtin_tasks()
+    if spec is None:
+        spec = "mnist-lenet5"
+    spec = str(spec)
+    if spec in builtins:
+        return builtins[spec](**builtin_kwargs)
+    path = Path(spec)
+    if path.suffix == ".toml" or path.exists():
+        return task_from_config(path)
+    raise UnknownNameError("task", spec, [*builtins, "<path to a task .toml>"])
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+
+
+def task_from_config(path: Path) -> Task:
+    path = Path(path)
+    config = read_toml(path)
+    section = config.get("task")
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: missing [task] table with 'model' and 'data' factories")
+    return task_from_table(section, base_dir=path.resolve().parent, origin=str(path))
+
+
+def task_from_table(section: dict[str, Any], base_dir: Path, origin: str) -> Task:
+    allowed = {"name", "model", "model_kwargs", "data", "data_kwargs", "metric", "metric_name", "python_path"}
+    for key in section:
+        if key not in allowed:
+            raise UnknownNameError("[task] key", key, allowed)
+    for key in ("model", "data"):
+        if not isinstance(section.get(key), str):
+            raise ConfigError(f"[task] {key}: required, a 'module:function' string")
+    # Factories usually live next to the config file; make them importable without installing.
+    for entry in [base_dir, *(base_dir / p for p in section.get("python_path", []))]:
+        if str(entry) not in sys.path:
+            sys.path.insert(0, str(entry))
+    model_ref = FactoryRef(section["model"], dict(section.get("model_kwargs", {})))
+    data_ref = FactoryRef(section["data"], dict(section.get("data_kwargs", {})))
+    splits = data_ref.call("[task] data")
+    if not isinstance(splits, dict):
+        raise TaskError(f"[task] data: {data_ref.target} returned {type(splits).__name__}, expected a dict of splits")
+    metric, metric_name = accuracy, "accuracy"
+    if "metric" in section:
+        metric = _checked_metric(FactoryRef(section["metric"]).resolve("[task] metric"))
+        metric_name = section.get("metric_name", section["metric"].rpartition(":")[2])
+    return Task(
+        name=section.get("name", Path(origin).stem),
+        architecture=model_ref,
+        teacher_factory=lambda: model_ref.call("[task] model"),
+        splits=splits,
+        metric=metric,
+        metric_name=metric_name,
+        source={"config": {k: v for k, v in section.items()}, "base_dir": str(base_dir)},
+    )
+
+
+def _checked_metric(metric: Callable[[Any, Any], float]) -> Callable[[Any, Any], float]:
+    def checked(outputs, targets) -> float:
+        value = float(metric(outputs, targets))
+        if not math.isfinite(value):
+            raise TaskError(f"metric {getattr(metric, '__name__', metric)!r} returned {value}; it must be a finite number")
+        return value
+
+    checked.__name__ = getattr(metric, "__name__", "metric")
+    return checked
+
+
+def task_from_source(source: dict[str, Any]) -> Task:
+    """Rebuild a task from ``Task.source`` as recorded in an artifact header."""
+    if "builtin" in source:
+        return load_task(source["builtin"], **source.get("kwargs", {}))
+    if "config" in source:
+        return task_from_table(source["config"], Path(source["base_dir"]), origin=source["config"].get("name", "task"))
+    raise TaskError("artifact does not record how to rebuild its task; pass the task explicitly")

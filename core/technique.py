@@ -1,0 +1,163 @@
+"""The technique contract: what a compression plugin implements.
+
+A technique is a class, not an instance with state: its configuration is a frozen dataclass, and
+everything a trial learns while applying it (masks, calibration statistics) lives in the
+per-trial ``TechniqueContext``.  That keeps techniques safe to reuse across trials and processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from slimforge.core.errors import ConfigError, PluginError, UnknownNameError
+
+if typing.TYPE_CHECKING:  # torch is heavy; keep `import slimforge.core.technique` cheap
+    import torch
+    from torch import nn
+
+    from slimforge.core.task import Task
+    from slimforge.search.space import Suggester
+
+
+class Family(str, enum.Enum):
+    """What kind of compression a technique does.  A plan holds at most one technique per family."""
+
+    QUANTIZATION = "quantization"
+    PRUNING = "pruning"
+    SPARSITY = "sparsity"
+    FACTORIZATION = "factorization"
+    SHARING = "sharing"
+    DISTILLATION = "distillation"
+
+
+class Stage(enum.IntEnum):
+    """Order of techniques in a plan.  Stages below ``RECOVERY`` change structure and run before
+    recovery training; stages above it finish the trained model (sharing, quantization)."""
+
+    STUDENT_INIT = 10
+    PRUNING = 20
+    FACTORIZATION = 30
+    SPARSITY = 40
+    RECOVERY = 50
+    SHARING = 60
+    QUANTIZATION = 70
+
+
+@dataclass
+class TechniqueContext:
+    """Per-trial, per-technique scratch space handed to every technique method."""
+
+    task: Task
+    device: str = "cpu"
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)  # layers skipped and why: shown in trial records
+    state: dict[str, Any] = field(default_factory=dict)  # e.g. pruning masks kept for training
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+class Technique:
+    """Base class of every compression technique, built-in or third-party.
+
+    Subclasses set ``name``, ``family``, ``stage`` and ``Config`` (a frozen, keyword-only dataclass
+    whose ``__post_init__`` validates), and implement ``suggest`` and ``apply``.
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[Family]
+    stage: ClassVar[Stage]
+    Config: ClassVar[type]
+    description: ClassVar[str] = ""
+    # True when the technique leaves the model in need of recovery training (e.g. pruning).
+    needs_recovery: ClassVar[bool] = False
+
+    # --- search ----------------------------------------------------------------------------------
+    def suggest(self, space: Suggester, task: Task) -> Any:
+        """Return a ``Config`` built from define-by-run suggestions on ``space``."""
+        raise PluginError(f"technique {self.name!r} does not implement suggest()")
+
+    # --- compression -----------------------------------------------------------------------------
+    def apply(self, model: nn.Module, config: Any, ctx: TechniqueContext) -> nn.Module:
+        """Compress ``model`` (in place or not) and return the module to continue with."""
+        raise PluginError(f"technique {self.name!r} does not implement apply()")
+
+    def after_optimizer_step(self, model: nn.Module, config: Any, ctx: TechniqueContext) -> None:
+        """Re-impose the technique's constraint after each recovery-training step (e.g. masks)."""
+
+    # --- artifact --------------------------------------------------------------------------------
+    def restore_structure(
+        self, model: nn.Module, config: Any, example_inputs: tuple[torch.Tensor, ...]
+    ) -> nn.Module:
+        """Give an untrained copy of the base architecture the *structure* ``apply`` leaves
+        (module types, shapes), so the artifact's tensors load into it.  Values are not needed:
+        every tensor comes from the artifact.  Default: the technique changes no structure."""
+        return model
+
+    # --- config helpers --------------------------------------------------------------------------
+    @classmethod
+    def config_from_dict(cls, values: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = set(values) - known
+        if unknown:
+            raise UnknownNameError(f"{cls.name} option", sorted(unknown)[0], known)
+        try:
+            return cls.Config(**values)
+        except TypeError as exc:  # missing or wrongly typed argument
+            raise ConfigError(f"{cls.name}: {exc}") from None
+
+    @staticmethod
+    def config_to_dict(config: Any) -> dict[str, Any]:
+        return dataclasses.asdict(config)
+
+
+@dataclass(frozen=True)
+class RegisteredTechnique:
+    cls: type[Technique]
+    source: str  # distribution that provided it, e.g. "slimforge 0.1.0" or "slimforge-foo 1.2"
+
+
+class TechniqueRegistry:
+    """Typed registry filled by the ``slimforge_register_techniques`` hook."""
+
+    _REQUIRED = ("name", "family", "stage", "Config")
+
+    def __init__(self) -> None:
+        self._entries: dict[str, RegisteredTechnique] = {}
+        self.current_source = "unknown"  # set by the plugin manager around each plugin's hook call
+
+    def add(self, cls: type[Technique]) -> None:
+        missing = [attr for attr in self._REQUIRED if not hasattr(cls, attr)]
+        if missing:
+            raise PluginError(f"technique class {cls.__qualname__} lacks {', '.join(missing)}")
+        if not (dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen):
+            raise PluginError(f"technique {cls.name!r}: Config must be a frozen dataclass")
+        if cls.name in self._entries and self._entries[cls.name].cls is not cls:
+            other = self._entries[cls.name].source
+            raise PluginError(f"technique name {cls.name!r} registered twice ({other} and {self.current_source})")
+        self._entries[cls.name] = RegisteredTechnique(cls, self.current_source)
+
+    def get(self, name: str) -> Technique:
+        try:
+            return self._entries[name].cls()
+        except KeyError:
+            raise UnknownNameError("technique", name, self._entries) from None
+
+    def source_of(self, name: str) -> str:
+        return self._entries[name].source
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def classes(self) -> list[type[Technique]]:
+        return [self._entries[n].cls for n in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)

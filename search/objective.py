@@ -1,0 +1,121 @@
+"""One trial: plan -> compressed model -> artifact file -> measurements of the *loaded* artifact.
+
+Measuring the model decoded from the file (not the in-memory one) is what makes the numbers
+honest: the bytes are the file's, and the accuracy and latency are of what a user will load.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slimforge.core.compressed import load_model, save_model
+from slimforge.core.errors import SlimforgeError, TrialRejected
+from slimforge.core.manager import Plugins
+from slimforge.core.measure import LatencySettings, Measurements, evaluate
+from slimforge.core.plan import Plan
+from slimforge.core.recovery import AppliedStep, recover
+from slimforge.core.task import Task
+from slimforge.core.technique import Stage, TechniqueContext
+from slimforge.search.budgets import Budgets
+from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord
+
+# Entropy coding makes the final size depend slightly on the fine-tuned values; the pre-training
+# estimate must overshoot the budget by more than this before a plan is rejected untrained.
+SIZE_ESTIMATE_SLACK = 0.02
+
+
+@dataclass
+class TrialRunner:
+    task: Task
+    plugins: Plugins
+    budgets: Budgets
+    artifact_dir: Path
+    device: str = "cpu"
+    latency: LatencySettings = LatencySettings()
+
+    def run(self, plan: Plan, number: int) -> TrialRecord:
+        record = TrialRecord(number=number, state=FAILED, plan=plan.to_dict(), plan_text=plan.describe())
+        started = time.perf_counter()
+        try:
+            self._run(plan, record)
+        except TrialRejected as exc:
+            record.state, record.failure_reason = REJECTED, str(exc)
+        except Exception as exc:  # a trial that raises fails alone; the search goes on
+            record.state = FAILED
+            record.failure_reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if not isinstance(exc, SlimforgeError):
+                record.notes.append(traceback.format_exc(limit=4))
+        record.duration_s = time.perf_counter() - started
+        return record
+
+    def _apply(self, model, steps, plan: Plan, record: TrialRecord) -> tuple[torch.nn.Module, list[AppliedStep]]:
+        applied = []
+        for step in steps:
+            technique = self.plugins.registry.get(step.technique)
+            config = technique.config_from_dict(step.config)
+            ctx = TechniqueContext(task=self.task, device=self.device, seed=plan.seed)
+            try:
+                model = technique.apply(model, config, ctx)
+            except SlimforgeError:
+                raise
+            except Exception as exc:
+                raise RuntimeError(f"technique {technique.name!r} ({self.plugins.registry.source_of(technique.name)}) "
+                                   f"raised {type(exc).__name__}: {exc}") from exc
+            record.notes.extend(ctx.notes)
+            applied.append(AppliedStep(technique, config, ctx))
+        return model, applied
+
+    def _split_steps(self, plan: Plan):
+        structural = [s for s in plan.steps if self.plugins.registry.get(s.technique).stage < Stage.RECOVERY]
+        finishing = [s for s in plan.steps if self.plugins.registry.get(s.technique).stage >= Stage.RECOVERY]
+        return structural, finishing
+
+    def _run(self, plan: Plan, record: TrialRecord) -> None:
+        torch.manual_seed(plan.seed)
+        artifact = self.artifact_dir / f"trial-{record.number:04d}.slim"
+        structural, finishing = self._split_steps(plan)
+        model, applied = self._apply(copy.deepcopy(self.task.teacher), structural, plan, record)
+
+        if self.budgets.max_size_bytes is not None and plan.recovery.epochs > 0:
+            # Structure fixes the size up to entropy-coding noise: finish a copy now and reject
+            # the plan before paying for fine-tuning if its file would already be too big.
+            estimate_model, _ = self._apply(copy.deepcopy(model), finishing, plan, TrialRecord(0, "", {}, ""))
+            estimate = save_model(estimate_model, artifact, task=self.task, plan=plan)
+            if estimate > self.budgets.max_size_bytes * (1 + SIZE_ESTIMATE_SLACK):
+                record.violations = self.budgets.violations(size_bytes=estimate)
+                record.measurements = None
+                raise TrialRejected(f"size {estimate} B before fine-tuning exceeds the budget "
+                                    f"{self.budgets.max_size_bytes} B; rejected untrained")
+
+        record.epoch_losses = recover(model, applied, self.task.split("train"), plan.recovery,
+                                      device=self.device, seed=plan.seed)
+        model, _ = self._apply(model.to("cpu") if finishing else model, finishing, plan, record)
+        save_model(model, artifact, task=self.task, plan=plan)
+        record.artifact_path = str(artifact)
+        record.measurements = self.measure(artifact, split="val")
+        m = record.measurements
+        record.violations = self.budgets.violations(size_bytes=m.size_bytes, latency_ms=m.latency_ms, accuracy=m.accuracy)
+        record.feasible = Budgets.feasible(record.violations)
+        record.state = COMPLETE
+
+    def measure(self, artifact: Path | str, split: str) -> Measurements:
+        """Load the artifact as a user would, then measure it."""
+        loaded = load_model(artifact, self.plugins.registry)
+        device = self._device_for(loaded.model)
+        accuracy = evaluate(loaded.model.to(device), self.task.split(split), self.task.metric, device=device)
+        stats = self.plugins.measure_latency(loaded.model, self.task.example_inputs(self.latency.batch_size),
+                                             device, self.latency)
+        return Measurements(accuracy=accuracy, size_bytes=self.plugins.measure_size(artifact),
+                            latency_ms=stats.median_ms, latency_p90_ms=stats.p90_ms, split=split)
+
+    def _device_for(self, model: torch.nn.Module) -> str:
+        # torch.ao int8 modules only have CPU kernels: such a model is measured where it can run.
+        if self.device != "cpu" and any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
+            return "cpu"
+        return self.device

@@ -1,0 +1,47 @@
+"""The planner: turns define-by-run suggestions into a ``Plan``.
+
+For each family among the enabled techniques it asks which technique (or none) to use, so a plan
+holds at most one technique per family; chosen techniques suggest their own configs under their
+own name scope, and the steps are ordered by stage.  Recovery training is searched only when a
+chosen technique needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from slimforge.core.errors import ConfigError
+from slimforge.core.plan import Plan, PlanStep, Recovery
+from slimforge.core.task import Task
+from slimforge.core.technique import Technique, TechniqueRegistry
+from slimforge.search.space import Suggester, scoped
+
+RECOVERY_EPOCHS = (1, 3)
+RECOVERY_LR = (1e-4, 3e-3)
+
+
+class Planner:
+    def __init__(self, registry: TechniqueRegistry, techniques: Iterable[str] | None = None):
+        names = list(techniques) if techniques is not None else registry.names()
+        if not names:
+            raise ConfigError("techniques: at least one technique must be enabled; valid choices: " + ", ".join(registry.names()))
+        self.techniques: list[Technique] = [registry.get(name) for name in names]  # raises on unknown names
+        self.by_family: dict[str, list[Technique]] = {}
+        for technique in sorted(self.techniques, key=lambda t: (t.stage, t.name)):
+            self.by_family.setdefault(technique.family.value, []).append(technique)
+
+    def sample(self, space: Suggester, task: Task, seed: int) -> Plan:
+        chosen: list[Technique] = []
+        for family, members in self.by_family.items():
+            pick = space.suggest_categorical(f"use.{family}", ["none", *(t.name for t in members)])
+            chosen.extend(t for t in members if t.name == pick)
+        chosen.sort(key=lambda t: (t.stage, t.name))
+        steps = []
+        for technique in chosen:
+            config = technique.suggest(scoped(space, technique.name), task)
+            steps.append(PlanStep(technique.name, technique.config_to_dict(config)))
+        recovery = Recovery()
+        if any(t.needs_recovery for t in chosen):
+            recovery = Recovery(epochs=space.suggest_int("recovery.epochs", *RECOVERY_EPOCHS),
+                                lr=space.suggest_float("recovery.lr", *RECOVERY_LR, log=True))
+        return Plan(steps=tuple(steps), recovery=recovery, seed=seed)

@@ -1,0 +1,64 @@
+"""What a search produces: one ``TrialRecord`` per trial and a ``SearchResult``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from slimforge.core.measure import Measurements
+
+COMPLETE, REJECTED, FAILED = "complete", "rejected", "failed"
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    state: str  # complete | rejected (size broke the budget before training) | failed
+    plan: dict[str, Any]
+    plan_text: str
+    measurements: Measurements | None = None  # on validation data
+    violations: dict[str, float] = field(default_factory=dict)  # measured - limit, per budget
+    feasible: bool = False
+    artifact_path: str | None = None
+    failure_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+    duration_s: float = 0.0
+    test_measurements: Measurements | None = None  # filled for Pareto members only
+    links: dict[str, Any] = field(default_factory=dict)  # e.g. mlflow_run_id, registered version
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SearchResult:
+    study_name: str
+    task: str
+    budgets: dict[str, Any]
+    baseline: Measurements  # uncompressed teacher, validation split
+    baseline_test: Measurements  # same on test, to compare with Pareto members' test numbers
+    trials: list[TrialRecord]
+    pareto: list[TrialRecord]
+    settings: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        out = {COMPLETE: 0, REJECTED: 0, FAILED: 0}
+        for record in self.trials:
+            out[record.state] = out.get(record.state, 0) + 1
+        out["feasible"] = sum(r.feasible for r in self.trials)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "study": self.study_name,
+            "task": self.task,
+            "budgets": self.budgets,
+            "settings": self.settings,
+            "baseline": {"val": self.baseline.to_dict(), "test": self.baseline_test.to_dict()},
+            "counts": self.counts(),
+            "trials": [r.to_dict() for r in self.trials],
+            "pareto": [r.to_dict() for r in self.pareto],
+            "links": self.links,
+        }

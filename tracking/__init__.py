@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs, registered models and the pyfunc wrapper around slimforge artifacts."""

@@ -1,0 +1,34 @@
+"""MLflow pyfunc model around a slimforge artifact ("models from code": nothing is pickled).
+
+MLflow copies this file next to the artifact when a Pareto member is logged, and runs it when the
+model is loaded, so ``mlflow.pyfunc.load_model("models:/NAME@alias").predict(batch)`` works in a
+process that never imported the search.  Input: a float32 array shaped like the task's inputs
+(N, ...); output: the model's raw outputs (N, classes).
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+
+ARTIFACT_KEY = "slimforge_artifact"
+
+
+class SlimforgeModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from slimforge.core.compressed import load_model
+        from slimforge.core.manager import Plugins
+
+        self._loaded = load_model(context.artifacts[ARTIFACT_KEY], Plugins().registry)
+        self._input_shape = tuple(self._loaded.meta["example_input"]["shape"][1:])
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        array = np.asarray(model_input.values if hasattr(model_input, "values") else model_input, dtype=np.float32)
+        batch = torch.from_numpy(array.reshape((-1, *self._input_shape)))
+        with torch.inference_mode():
+            return self._loaded.model(batch).float().numpy()
+
+
+mlflow.models.set_model(SlimforgeModel())
