@@ -23,6 +23,11 @@ from slimforge.core.task import FactoryRef, Task
 from slimforge.core.technique import TechniqueRegistry
 
 
+# Whitelist: dtype names in a file are never resolved with getattr on arbitrary strings.
+INPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
+
+
 @dataclass
 class LoadedArtifact:
     model: nn.Module
@@ -30,8 +35,14 @@ class LoadedArtifact:
     meta: dict[str, Any]
 
 
-def save_model(model: nn.Module, path: str | Path, *, task: Task, plan: Plan, extra: dict | None = None) -> int:
-    """Write ``model`` to ``path`` atomically; return the file's size in bytes."""
+def save_model(model: nn.Module, path: str | Path, *, task: Task, plan: Plan,
+               structure: list[dict[str, Any]] | None = None, extra: dict | None = None) -> int:
+    """Write ``model`` to ``path`` atomically; return the file's size in bytes.
+
+    ``structure`` holds, per plan step, what that step's ``ctx.structure`` recorded."""
+    structure = structure if structure is not None else [{} for _ in plan.steps]
+    if len(structure) != len(plan.steps):
+        raise ValueError(f"structure has {len(structure)} entries for {len(plan.steps)} plan steps")
     example = task.example_inputs()[0]
     meta = {
         "kind": "compressed-model",
@@ -39,6 +50,7 @@ def save_model(model: nn.Module, path: str | Path, *, task: Task, plan: Plan, ex
         "task_name": task.name,
         "architecture": task.architecture.to_dict(),
         "plan": plan.to_dict(),
+        "structure": structure,
         "example_input": {"shape": list(example.shape), "dtype": str(example.dtype).removeprefix("torch.")},
         **(extra or {}),
     }
@@ -53,12 +65,13 @@ def load_model(path: str | Path, registry: TechniqueRegistry) -> LoadedArtifact:
     model = FactoryRef.from_dict(meta["architecture"]).call("artifact architecture")
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"{path}: architecture factory returned {type(model).__name__}, not an nn.Module")
-    dtype = getattr(torch, meta["example_input"]["dtype"]) if meta["example_input"]["dtype"] in ("float32", "float16", "bfloat16", "int64") else torch.float32
+    dtype = INPUT_DTYPES.get(meta["example_input"]["dtype"], torch.float32)
     example_inputs = (torch.zeros(meta["example_input"]["shape"], dtype=dtype),)
     model.eval()
-    for step in plan.steps:
+    structure = meta.get("structure") or [{} for _ in plan.steps]
+    for step, recorded in zip(plan.steps, structure, strict=True):
         technique = registry.get(step.technique)
-        model = technique.restore_structure(model, technique.config_from_dict(step.config), example_inputs)
+        model = technique.restore_structure(model, technique.config_from_dict(step.config), example_inputs, recorded)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

@@ -42,8 +42,8 @@ class Stage(enum.IntEnum):
     PRUNING = 20
     FACTORIZATION = 30
     SPARSITY = 40
+    SHARING = 45  # before recovery: shared centroids / merged filters are fine-tuned
     RECOVERY = 50
-    SHARING = 60
     QUANTIZATION = 70
 
 
@@ -56,6 +56,10 @@ class TechniqueContext:
     seed: int = 0
     notes: list[str] = field(default_factory=list)  # layers skipped and why: shown in trial records
     state: dict[str, Any] = field(default_factory=dict)  # e.g. pruning masks kept for training
+    # JSON-serialisable facts ``restore_structure`` needs that the config alone does not fix, e.g.
+    # the ranks an energy threshold chose or the channels structured pruning kept.  Saved in the
+    # artifact header next to the plan step.
+    structure: dict[str, Any] = field(default_factory=dict)
 
     def note(self, message: str) -> None:
         self.notes.append(message)
@@ -75,6 +79,11 @@ class Technique:
     description: ClassVar[str] = ""
     # True when the technique leaves the model in need of recovery training (e.g. pruning).
     needs_recovery: ClassVar[bool] = False
+    # Composition rules the planner honours: technique names this one may not come after / before
+    # in a plan (e.g. int8 quantization cannot follow k-means clustering: the clustered layers are
+    # no longer plain Linear/Conv modules).
+    cannot_follow: ClassVar[frozenset[str]] = frozenset()
+    cannot_precede: ClassVar[frozenset[str]] = frozenset()
 
     # --- search ----------------------------------------------------------------------------------
     def suggest(self, space: Suggester, task: Task) -> Any:
@@ -91,12 +100,18 @@ class Technique:
 
     # --- artifact --------------------------------------------------------------------------------
     def restore_structure(
-        self, model: nn.Module, config: Any, example_inputs: tuple[torch.Tensor, ...]
+        self, model: nn.Module, config: Any, example_inputs: tuple[torch.Tensor, ...], structure: dict[str, Any]
     ) -> nn.Module:
         """Give an untrained copy of the base architecture the *structure* ``apply`` leaves
         (module types, shapes), so the artifact's tensors load into it.  Values are not needed:
-        every tensor comes from the artifact.  Default: the technique changes no structure."""
+        every tensor comes from the artifact.  ``structure`` is what ``apply`` put in
+        ``ctx.structure``.  Default: the technique changes no structure."""
         return model
+
+    @classmethod
+    def conflicts_with(cls, earlier: type[Technique]) -> bool:
+        """True when ``cls`` may not come after ``earlier`` in one plan (either side may say so)."""
+        return earlier.name in cls.cannot_follow or cls.name in earlier.cannot_precede
 
     # --- config helpers --------------------------------------------------------------------------
     @classmethod

@@ -85,8 +85,9 @@ class TrialRunner:
         if self.budgets.max_size_bytes is not None and plan.recovery.epochs > 0:
             # Structure fixes the size up to entropy-coding noise: finish a copy now and reject
             # the plan before paying for fine-tuning if its file would already be too big.
-            estimate_model, _ = self._apply(copy.deepcopy(model), finishing, plan, TrialRecord(0, "", {}, ""))
-            estimate = save_model(estimate_model, artifact, task=self.task, plan=plan)
+            estimate_model, estimate_applied = self._apply(copy.deepcopy(model), finishing, plan, TrialRecord(0, "", {}, ""))
+            estimate = save_model(estimate_model, artifact, task=self.task, plan=plan,
+                                  structure=[step.ctx.structure for step in applied + estimate_applied])
             if estimate > self.budgets.max_size_bytes * (1 + SIZE_ESTIMATE_SLACK):
                 record.violations = self.budgets.violations(size_bytes=estimate)
                 record.measurements = None
@@ -95,8 +96,8 @@ class TrialRunner:
 
         record.epoch_losses = recover(model, applied, self.task.split("train"), plan.recovery,
                                       device=self.device, seed=plan.seed)
-        model, _ = self._apply(model.to("cpu") if finishing else model, finishing, plan, record)
-        save_model(model, artifact, task=self.task, plan=plan)
+        model, finished = self._apply(model.to("cpu") if finishing else model, finishing, plan, record)
+        save_model(model, artifact, task=self.task, plan=plan, structure=[s.ctx.structure for s in applied + finished])
         record.artifact_path = str(artifact)
         record.measurements = self.measure(artifact, split="val")
         m = record.measurements

@@ -4,6 +4,12 @@ For each family among the enabled techniques it asks which technique (or none) t
 holds at most one technique per family; chosen techniques suggest their own configs under their
 own name scope, and the steps are ordered by stage.  Recovery training is searched only when a
 chosen technique needs it.
+
+Composition rules (``Technique.cannot_follow`` / ``cannot_precede``) are honoured by construction:
+families are decided in stage order, and a family's choices exclude techniques that conflict
+with what is already chosen.  Optuna needs one fixed set of choices per parameter name, so a
+restricted choice set gets its own name (``use.quantization[int8_ptq|none]``); the planner
+therefore never samples an invalid combination instead of rejecting one after the fact.
 """
 
 from __future__ import annotations
@@ -33,8 +39,11 @@ class Planner:
     def sample(self, space: Suggester, task: Task, seed: int) -> Plan:
         chosen: list[Technique] = []
         for family, members in self.by_family.items():
-            pick = space.suggest_categorical(f"use.{family}", ["none", *(t.name for t in members)])
-            chosen.extend(t for t in members if t.name == pick)
+            allowed = [t for t in members if not self._conflicts(t, chosen)]
+            choices = ["none", *(t.name for t in allowed)]
+            name = f"use.{family}" if len(allowed) == len(members) else f"use.{family}[{'|'.join(choices[1:]) or 'none'}]"
+            pick = space.suggest_categorical(name, choices) if len(choices) > 1 else "none"
+            chosen.extend(t for t in allowed if t.name == pick)
         chosen.sort(key=lambda t: (t.stage, t.name))
         steps = []
         for technique in chosen:
@@ -45,3 +54,12 @@ class Planner:
             recovery = Recovery(epochs=space.suggest_int("recovery.epochs", *RECOVERY_EPOCHS),
                                 lr=space.suggest_float("recovery.lr", *RECOVERY_LR, log=True))
         return Plan(steps=tuple(steps), recovery=recovery, seed=seed)
+
+    @staticmethod
+    def _conflicts(candidate: Technique, chosen: list[Technique]) -> bool:
+        """True when ``candidate`` may not share a plan with the techniques already chosen."""
+        for other in chosen:
+            first, second = sorted((other, candidate), key=lambda t: t.stage)
+            if type(second).conflicts_with(type(first)):
+                return True
+        return False

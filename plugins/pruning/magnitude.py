@@ -10,21 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
+from slimforge.plugins.common import apply_masks, keep_top, reapply_masks, weight_layers
 
-PRUNABLE = (nn.Conv2d, nn.Conv1d, nn.Linear)
 # The search samples each layer's *density* (fraction kept) log-uniformly: compression lives at
 # high sparsity, and a uniform sparsity prior would spend most trials on sizes no budget accepts.
 DENSITY_RANGE = (0.02, 1.0)
-
-
-def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,35 +43,20 @@ class MagnitudePruning(Technique):
 
     def suggest(self, space, task) -> MagnitudePruningConfig:
         sparsity = {name: round(1.0 - space.suggest_float(f"density.{name}", *DENSITY_RANGE, log=True), 3)
-                    for name in prunable_layers(task.teacher)}
+                    for name in weight_layers(task.teacher)}
         return MagnitudePruningConfig(sparsity=sparsity)
 
     def apply(self, model: nn.Module, config: MagnitudePruningConfig, ctx: TechniqueContext) -> nn.Module:
-        layers = prunable_layers(model)
+        layers = weight_layers(model)
         for name in set(config.sparsity) - set(layers):
             ctx.note(f"magnitude_pruning: layer {name!r} not found in the model; ignored")
-        masks = {}
-        with torch.no_grad():
-            for name, layer in layers.items():
-                fraction = config.sparsity.get(name, config.default_sparsity)
-                n_zero = int(round(fraction * layer.weight.numel()))
-                if n_zero == 0:
-                    continue
-                magnitudes = layer.weight.abs().flatten()
-                # kthvalue ties are broken by keeping exactly n_zero zeros, so sparsity is exact.
-                order = torch.argsort(magnitudes, stable=True)
-                mask = torch.ones_like(magnitudes, dtype=torch.bool)
-                mask[order[:n_zero]] = False
-                masks[name] = mask.view_as(layer.weight)
-                layer.weight.mul_(masks[name])
-        ctx.state["masks"] = masks
+        masks = {name: keep_top(layer.weight.detach().abs(), config.sparsity.get(name, config.default_sparsity))
+                 for name, layer in layers.items() if config.sparsity.get(name, config.default_sparsity) > 0}
+        apply_masks(model, masks, ctx)
         return model
 
     def after_optimizer_step(self, model: nn.Module, config, ctx: TechniqueContext) -> None:
-        layers = dict(model.named_modules())
-        with torch.no_grad():
-            for name, mask in ctx.state.get("masks", {}).items():
-                layers[name].weight.mul_(mask)
+        reapply_masks(model, ctx)
 
 
 @hookimpl

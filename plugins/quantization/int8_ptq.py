@@ -92,7 +92,7 @@ class Int8PTQ(Technique):
                 prepared(x)
         return _convert(prepared)
 
-    def restore_structure(self, model, config: Int8PTQConfig, example_inputs) -> nn.Module:
+    def restore_structure(self, model, config: Int8PTQConfig, example_inputs, structure) -> nn.Module:
         # Uncalibrated observers give placeholder scales; the artifact's tensors replace them all.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

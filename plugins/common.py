@@ -1,0 +1,83 @@
+"""Pieces several built-in techniques share: layer discovery, module replacement, masks, bit packing."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimforge.core.technique import TechniqueContext
+
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Plain Conv/Linear layers by qualified name: what most techniques compress."""
+    return {name: m for name, m in model.named_modules() if type(m) in WEIGHT_LAYERS}
+
+
+def replace_module(model: nn.Module, qualified_name: str, new: nn.Module) -> None:
+    parent_name, _, child = qualified_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# --- masks: pruning and sparsity keep zeros through recovery training ---------------------------
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], ctx: TechniqueContext) -> None:
+    """Zero the masked weights now and remember the masks for ``reapply_masks``."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            modules[name].weight.mul_(mask)
+    ctx.state.setdefault("masks", {}).update(masks)
+
+
+def reapply_masks(model: nn.Module, ctx: TechniqueContext) -> None:
+    """After an optimizer step: zero the masked weights again (Adam moves them otherwise).
+
+    A layer a later technique replaced (e.g. clustered) owns no ``weight`` Parameter any more; its
+    zeros are kept by that technique, so it is skipped here."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, mask in ctx.state.get("masks", {}).items():
+            weight = getattr(modules.get(name), "weight", None)
+            if isinstance(weight, nn.Parameter) and weight.shape == mask.shape:
+                weight.mul_(mask)
+
+
+def keep_top(scores: torch.Tensor, fraction_zero: float) -> torch.Tensor:
+    """Boolean mask keeping the highest scores; exactly round(fraction_zero * n) entries are False."""
+    n_zero = int(round(fraction_zero * scores.numel()))
+    flat = scores.flatten()
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if n_zero:
+        mask[torch.argsort(flat, stable=True)[:n_zero]] = False
+    return mask.view_as(scores)
+
+
+# --- bit packing: sub-byte codes (k-means indices, 4/2-bit weights) stored at their real width --
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned integer ``codes`` (< 2**bits) into a flat uint8 tensor, ``8 // bits`` per byte
+    for bits in {1, 2, 4, 8}, or as a little-endian bit stream for other widths (3, 5, 6, 7)."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    flat = codes.flatten().to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise ValueError(f"codes out of range for {bits} bits")
+    shifts = torch.arange(bits, dtype=torch.int64)
+    bitstream = ((flat.unsqueeze(1) >> shifts) & 1).flatten()  # LSB first
+    pad = (-bitstream.numel()) % 8
+    bitstream = torch.cat([bitstream, bitstream.new_zeros(pad)]).view(-1, 8)
+    return (bitstream << torch.arange(8, dtype=torch.int64)).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: the first ``count`` codes as int64."""
+    bitstream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).flatten()
+    bitstream = bitstream[: count * bits].view(count, bits)
+    return (bitstream << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+
+
+def packed_size(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
