@@ -17,7 +17,7 @@ EXAMPLES = """\
 examples:
   slimforge search                                   # embedded MNIST/LeNet-5 task, default budgets-free search
   slimforge search --trials 12 --max-size 150KB --out out/
-  slimforge search --max-size 60KB --max-latency 0.5 --min-accuracy 97%
+  slimforge search --max-size 60KB --max-latency 0.5 --max-accuracy-drop 1pt
   slimforge search --config examples/user_task.toml  # your own model, data and metric
   slimforge search --study NAME --trials 30          # resume study NAME up to 30 trials
   slimforge evaluate out/artifacts/<study>/trial-0003.slim
@@ -28,7 +28,7 @@ examples:
 SEARCH_KEYS = {"trials", "timeout", "seed", "study", "storage", "out", "techniques", "device",
                "tracking_uri", "tracking", "experiment", "registered_model", "latency_threads",
                "latency_repeats", "latency_batch_size"}
-BUDGET_KEYS = {"max_size", "max_latency", "min_accuracy"}
+BUDGET_KEYS = {"max_size", "max_latency", "min_accuracy", "max_accuracy_drop"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     budgets.add_argument("--max-size", help="artifact size limit: bytes or with a unit, e.g. 150KB, 1.5MB, 60KiB")
     budgets.add_argument("--max-latency", help="median batch latency limit in ms on the target device, e.g. 0.5")
     budgets.add_argument("--min-accuracy", help="validation metric floor: 0.97 or 97%%")
+    budgets.add_argument("--max-accuracy-drop", help="allowed drop from the uncompressed model's validation "
+                                                     "metric: 1pt (= 1%% = 0.01); the stricter floor wins")
     run = search.add_argument_group("search")
     run.add_argument("--trials", type=int, help="total trials in the study (default 20)")
     run.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")

@@ -7,6 +7,7 @@ feasible when every violation is <= 0.  The sampler gets violations divided by t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -59,23 +60,52 @@ def parse_accuracy(text, field: str = "--min-accuracy") -> float:
     return value
 
 
+def parse_accuracy_drop(text, field: str = "--max-accuracy-drop") -> float:
+    """An allowed metric drop in points: "1pt", "1%", 1 or 0.01 all mean one point (0.01)."""
+    raw = str(text).strip().lower()
+    unit = "pt" if raw.endswith("pt") else "%" if raw.endswith("%") else ""
+    try:
+        value = float(raw.removesuffix(unit))
+    except ValueError:
+        raise ConfigError(f"{field}: expected points like 1pt, 0.5%, or a fraction like 0.01, got {text!r}") from None
+    if unit or value >= 1.0:
+        value /= 100.0
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{field}: must be between 0 and 100 points, got {text!r}")
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class Budgets:
     max_size_bytes: int | None = None
     max_latency_ms: float | None = None
     min_accuracy: float | None = None
+    # Relative floor: baseline validation metric minus this.  ``resolve`` turns it into an
+    # absolute ``min_accuracy`` once the baseline is measured.
+    max_accuracy_drop: float | None = None
 
     @classmethod
-    def parse(cls, *, max_size=None, max_latency=None, min_accuracy=None) -> Budgets:
+    def parse(cls, *, max_size=None, max_latency=None, min_accuracy=None, max_accuracy_drop=None) -> Budgets:
         return cls(
             max_size_bytes=None if max_size is None else parse_size(max_size),
             max_latency_ms=None if max_latency is None else parse_positive_float(max_latency, "--max-latency"),
             min_accuracy=None if min_accuracy is None else parse_accuracy(min_accuracy),
+            max_accuracy_drop=None if max_accuracy_drop is None else parse_accuracy_drop(max_accuracy_drop),
         )
+
+    def resolve(self, baseline_accuracy: float) -> Budgets:
+        """Fold ``max_accuracy_drop`` into ``min_accuracy`` (the stricter of the two wins)."""
+        if self.max_accuracy_drop is None:
+            return self
+        floor = baseline_accuracy - self.max_accuracy_drop
+        if self.min_accuracy is not None:
+            floor = max(floor, self.min_accuracy)
+        return dataclasses.replace(self, min_accuracy=round(floor, 6), max_accuracy_drop=None)
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.max_size_bytes, self.max_latency_ms, self.min_accuracy))
+        return any(v is not None for v in (self.max_size_bytes, self.max_latency_ms, self.min_accuracy,
+                                           self.max_accuracy_drop))
 
     def violations(self, *, size_bytes=None, latency_ms=None, accuracy=None) -> dict[str, float]:
         """Absolute violations (measured - limit) of the budgets whose measurement is known."""
@@ -105,8 +135,10 @@ class Budgets:
             parts.append(f"latency <= {self.max_latency_ms:g} ms")
         if self.min_accuracy is not None:
             parts.append(f"accuracy >= {self.min_accuracy:.4f}")
+        if self.max_accuracy_drop is not None:
+            parts.append(f"accuracy drop <= {self.max_accuracy_drop * 100:g} pt")
         return ", ".join(parts) or "no budgets"
 
     def to_dict(self) -> dict:
         return {"max_size_bytes": self.max_size_bytes, "max_latency_ms": self.max_latency_ms,
-                "min_accuracy": self.min_accuracy}
+                "min_accuracy": self.min_accuracy, "max_accuracy_drop": self.max_accuracy_drop}

@@ -22,8 +22,9 @@ from slimforge.core.plan import Plan
 from slimforge.core.task import Task
 from slimforge.search.budgets import Budgets
 from slimforge.search.objective import TrialRunner
+from slimforge.search.pareto import pareto_front
 from slimforge.search.planner import Planner
-from slimforge.search.records import COMPLETE, SearchResult, TrialRecord
+from slimforge.search.records import SearchResult, TrialRecord
 
 DEVICES = ("cpu", "cuda")
 
@@ -93,8 +94,9 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
     baseline_path = settings.out_dir / "baseline.slim"
     save_model(task.teacher.to(teacher_device), baseline_path, task=task, plan=Plan())
     baseline, baseline_test = runner.measure(baseline_path, "val"), runner.measure(baseline_path, "test")
+    budgets = runner.budgets = budgets.resolve(baseline.accuracy)
     _log(f"baseline (uncompressed): {task.metric_name} {baseline.accuracy:.4f} val / {baseline_test.accuracy:.4f} test, "
-         f"{baseline.size_bytes / 1000:.1f} KB, {baseline.latency_ms:.3f} ms")
+         f"{baseline.size_bytes / 1000:.1f} KB, {baseline.latency_ms:.3f} ms; budgets: {budgets.describe()}")
 
     tracker = None
     if settings.tracking:
@@ -108,9 +110,7 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         plugins.search_start(settings=settings.to_dict() | {"budgets": budgets.to_dict()}, task=task, baseline=baseline)
         _run_trials(backend, planner, runner, plugins, task, settings)
         records = [_record_from_dict(r) for r in backend.records()]
-        pareto_numbers = set(backend.pareto_numbers())
-        pareto = [r for r in records if r.number in pareto_numbers and r.state == COMPLETE]
-        pareto.sort(key=lambda r: (-r.measurements.accuracy, r.measurements.size_bytes))
+        pareto = pareto_front(records)
         for member in pareto:  # the only place the test split is used
             member.test_measurements = runner.measure(member.artifact_path, "test")
         result = SearchResult(study_name=settings.study, task=task.name, budgets=budgets.to_dict(),

@@ -9,7 +9,10 @@ registered as a version of one registered model, tagged with trial, plan and mea
 from __future__ import annotations
 
 import json
+import logging
+import os
 import platform
+import warnings
 from pathlib import Path
 
 from slimforge.core.errors import MissingDependencyError
@@ -21,6 +24,12 @@ try:
     from mlflow.tracking import MlflowClient
 except ImportError as exc:  # pragma: no cover
     raise MissingDependencyError("mlflow", "MLflow tracking") from exc
+
+# MLflow chatter (per-download progress bars, "already exists" notices, a type-hint suggestion that
+# does not apply to array inputs) would bury the search's own progress output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+PREDICT_HINT_WARNING = "(?s).*type hints to the `predict` method"
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
@@ -141,7 +150,8 @@ class MlflowTracker:
         with torch.inference_mode():
             output = loaded.model(torch.from_numpy(example)).float().numpy()
         run_id = member.links["mlflow_run_id"]
-        with mlflow.start_run(run_id=run_id, nested=True):
+        with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=PREDICT_HINT_WARNING)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE),
                 artifacts={"slimforge_artifact": member.artifact_path},

@@ -68,7 +68,3 @@ class OptunaBackend:
             trial.set_user_attr("failure_reason", record.failure_reason or "unknown")
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return record
-
-    def pareto_numbers(self) -> list[int]:
-        """Trial numbers on the feasible Pareto front (Optuna's non-domination with constraints)."""
-        return sorted(t.number for t in self.study.best_trials)
