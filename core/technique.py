@@ -31,7 +31,8 @@ class Family(str, enum.Enum):
     SPARSITY = "sparsity"
     FACTORIZATION = "factorization"
     SHARING = "sharing"
-    DISTILLATION = "distillation"
+    DISTILLATION = "distillation"  # changes how recovery trains (knowledge distillation)
+    STUDENT = "student"  # builds a smaller student from the teacher's parameters
 
 
 class Stage(enum.IntEnum):
@@ -43,6 +44,7 @@ class Stage(enum.IntEnum):
     FACTORIZATION = 30
     SPARSITY = 40
     SHARING = 45  # before recovery: shared centroids / merged filters are fine-tuned
+    TRAINING = 48  # changes only how recovery trains (distillation losses); structure untouched
     RECOVERY = 50
     QUANTIZATION = 70
 
@@ -97,6 +99,13 @@ class Technique:
 
     def after_optimizer_step(self, model: nn.Module, config: Any, ctx: TechniqueContext) -> None:
         """Re-impose the technique's constraint after each recovery-training step (e.g. masks)."""
+
+    def training_loss(self, model: nn.Module, batch: Any, loss: torch.Tensor, config: Any,
+                      ctx: TechniqueContext) -> torch.Tensor:
+        """Return the recovery loss to optimise, given the loss so far (task cross-entropy, or
+        what earlier techniques made of it).  ``batch`` is a ``core.recovery.TrainingBatch``.
+        Distillation mixes in its term here.  Default: unchanged."""
+        return loss
 
     # --- artifact --------------------------------------------------------------------------------
     def restore_structure(

@@ -70,14 +70,14 @@ def tiny_task(architecture: str = TINY_ARCHITECTURES[0], n: int = 256, seed: int
 def compress(technique, config, task: Task, recovery_steps: int = 2, seed: int = 0):
     """Apply one technique the way a trial does (structural -> short recovery -> finishing);
     return ``(model, ctx)``."""
-    from slimforge.core.recovery import AppliedStep, recover
+    from slimforge.core.recovery import AppliedStep, TeacherOutputs, recover
 
     ctx = TechniqueContext(task=task, seed=seed)
     model = technique.apply(copy.deepcopy(task.teacher), config, ctx)
     if technique.stage < Stage.RECOVERY and technique.needs_recovery and recovery_steps:
         subset = torch.utils.data.Subset(task.split("train"), range(min(len(task.split("train")), 32 * recovery_steps)))
         recover(model, [AppliedStep(technique, config, ctx)], subset, Recovery(epochs=1, lr=1e-3),
-                seed=seed, batch_size=32)
+                seed=seed, batch_size=32, teacher_outputs=TeacherOutputs(task.teacher, subset))
     return model.eval(), ctx
 
 

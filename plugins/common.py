@@ -28,8 +28,14 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], ctx: Technique
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, mask in masks.items():
-            modules[name].weight.mul_(mask)
+            _zero_masked(modules[name].weight, mask)
     ctx.state.setdefault("masks", {}).update(masks)
+
+
+def _zero_masked(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    # masked_fill, not multiply: w * 0 is -0.0 for negative w, and the codec (which compares raw
+    # bits so that -0.0 survives a round trip) would store those as nonzeros.
+    weight.masked_fill_(~mask.to(device=weight.device, dtype=torch.bool), 0.0)
 
 
 def reapply_masks(model: nn.Module, ctx: TechniqueContext) -> None:
@@ -42,7 +48,7 @@ def reapply_masks(model: nn.Module, ctx: TechniqueContext) -> None:
         for name, mask in ctx.state.get("masks", {}).items():
             weight = getattr(modules.get(name), "weight", None)
             if isinstance(weight, nn.Parameter) and weight.shape == mask.shape:
-                weight.mul_(mask)
+                _zero_masked(weight, mask)
 
 
 def keep_top(scores: torch.Tensor, fraction_zero: float) -> torch.Tensor:
@@ -81,3 +87,35 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 def packed_size(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
+
+
+# --- shapes: structural techniques record layer shapes so artifacts rebuild the smaller model ---
+
+RESIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Weight shape of every resizable layer (JSON-friendly), for ``ctx.structure``."""
+    return {name: list(m.weight.shape) for name, m in model.named_modules()
+            if type(m) in RESIZABLE and getattr(m, "weight", None) is not None}
+
+
+def resize_layers(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
+    """Replace each named layer by a fresh one of the recorded weight shape (values come later,
+    from the artifact).  Only the channel counts change; every other hyperparameter is kept."""
+    modules = dict(model.named_modules())
+    for name, shape in shapes.items():
+        old = modules[name]
+        if list(old.weight.shape) == list(shape):
+            continue
+        has_bias = getattr(old, "bias", None) is not None
+        if isinstance(old, nn.Linear):
+            new = nn.Linear(shape[1], shape[0], bias=has_bias)
+        elif isinstance(old, (nn.Conv1d, nn.Conv2d)):
+            new = type(old)(shape[1] * old.groups, shape[0], old.kernel_size, stride=old.stride, padding=old.padding,
+                            dilation=old.dilation, groups=old.groups, bias=has_bias, padding_mode=old.padding_mode)
+        else:  # BatchNorm
+            new = type(old)(shape[0], eps=old.eps, momentum=old.momentum, affine=old.affine,
+                            track_running_stats=old.track_running_stats)
+        replace_module(model, name, new)
+    return model

@@ -108,6 +108,7 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         backend = OptunaBackend(storage=settings.storage, study_name=settings.study, seed=settings.seed, budgets=budgets)
         plugins.configure(settings.to_dict())
         plugins.search_start(settings=settings.to_dict() | {"budgets": budgets.to_dict()}, task=task, baseline=baseline)
+        runner.history.extend(_record_from_dict(r) for r in backend.records())
         _run_trials(backend, planner, runner, plugins, task, settings)
         records = [_record_from_dict(r) for r in backend.records()]
         pareto = pareto_front(records)
@@ -149,6 +150,7 @@ def _run_trials(backend, planner: Planner, runner: TrialRunner, plugins: Plugins
                 return record
 
             record = backend.run_one(evaluate)
+            runner.history.append(record)
             if record.feasible and (best is None or record.measurements.accuracy > best.measurements.accuracy):
                 best = record
             bar.set_postfix_str(_progress_text(record, best))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from slimforge.core.errors import SlimforgeError, TrialRejected
 from slimforge.core.manager import Plugins
 from slimforge.core.measure import LatencySettings, Measurements, evaluate
 from slimforge.core.plan import Plan
-from slimforge.core.recovery import AppliedStep, recover
+from slimforge.core.recovery import AppliedStep, RecoveryLog, TeacherOutputs, recover
 from slimforge.core.task import Task
 from slimforge.core.technique import Stage, TechniqueContext
 from slimforge.search.budgets import Budgets
@@ -28,6 +28,8 @@ from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord
 # Entropy coding makes the final size depend slightly on the fine-tuned values; the pre-training
 # estimate must overshoot the budget by more than this before a plan is rejected untrained.
 SIZE_ESTIMATE_SLACK = 0.02
+# Early stopping assumes a trial may still gain at least this much per remaining epoch.
+MIN_EPOCH_GAIN = 0.005
 
 
 @dataclass
@@ -38,6 +40,11 @@ class TrialRunner:
     artifact_dir: Path
     device: str = "cpu"
     latency: LatencySettings = LatencySettings()
+    history: list[TrialRecord] = field(default_factory=list)  # finished trials, for early stopping
+
+    def __post_init__(self) -> None:
+        # Teacher logits on the training split, computed on first use and shared by all trials.
+        self.teacher_outputs = TeacherOutputs(self.task.teacher, self.task.split("train"), self.device)
 
     def run(self, plan: Plan, number: int) -> TrialRecord:
         record = TrialRecord(number=number, state=FAILED, plan=plan.to_dict(), plan_text=plan.describe())
@@ -82,20 +89,28 @@ class TrialRunner:
         structural, finishing = self._split_steps(plan)
         model, applied = self._apply(copy.deepcopy(self.task.teacher), structural, plan, record)
 
-        if self.budgets.max_size_bytes is not None and plan.recovery.epochs > 0:
+        size_estimate = None
+        if plan.recovery.epochs > 0:
             # Structure fixes the size up to entropy-coding noise: finish a copy now and reject
-            # the plan before paying for fine-tuning if its file would already be too big.
+            # the plan before paying for fine-tuning if its file would already be too big.  The
+            # estimate also feeds the early-stopping dominance rule.
             estimate_model, estimate_applied = self._apply(copy.deepcopy(model), finishing, plan, TrialRecord(0, "", {}, ""))
-            estimate = save_model(estimate_model, artifact, task=self.task, plan=plan,
-                                  structure=[step.ctx.structure for step in applied + estimate_applied])
-            if estimate > self.budgets.max_size_bytes * (1 + SIZE_ESTIMATE_SLACK):
-                record.violations = self.budgets.violations(size_bytes=estimate)
-                record.measurements = None
-                raise TrialRejected(f"size {estimate} B before fine-tuning exceeds the budget "
-                                    f"{self.budgets.max_size_bytes} B; rejected untrained")
+            size_estimate = save_model(estimate_model, artifact, task=self.task, plan=plan,
+                                       structure=[step.ctx.structure for step in applied + estimate_applied])
+            record.size_estimate_bytes = size_estimate
+            limit = self.budgets.max_size_bytes
+            if limit is not None and size_estimate > limit * (1 + SIZE_ESTIMATE_SLACK):
+                record.violations = self.budgets.violations(size_bytes=size_estimate)
+                raise TrialRejected(f"size {size_estimate} B before fine-tuning exceeds the budget {limit} B; "
+                                    "rejected untrained")
 
-        record.epoch_losses = recover(model, applied, self.task.split("train"), plan.recovery,
-                                      device=self.device, seed=plan.seed)
+        val = self.task.split("val")
+        log = recover(model, applied, self.task.split("train"), plan.recovery, device=self.device, seed=plan.seed,
+                      teacher_outputs=self.teacher_outputs,
+                      score=lambda m: evaluate(m, val, self.task.metric, device=self.device),
+                      should_stop=lambda log, left: self.early_stop(log, left, size_estimate))
+        record.epoch_losses, record.epoch_scores = log.losses, log.scores
+        record.stopped_early, record.training_seconds = log.stopped_early, log.seconds
         model, finished = self._apply(model.to("cpu") if finishing else model, finishing, plan, record)
         save_model(model, artifact, task=self.task, plan=plan, structure=[s.ctx.structure for s in applied + finished])
         record.artifact_path = str(artifact)
@@ -104,6 +119,31 @@ class TrialRunner:
         record.violations = self.budgets.violations(size_bytes=m.size_bytes, latency_ms=m.latency_ms, accuracy=m.accuracy)
         record.feasible = Budgets.feasible(record.violations)
         record.state = COMPLETE
+
+    def early_stop(self, log: RecoveryLog, epochs_left: int, size_estimate: int | None) -> str | None:
+        """Our multi-fidelity rule (Optuna's pruners are single-objective).
+
+        Project the final score optimistically: the current score plus, for every epoch left, the
+        largest per-epoch gain seen so far (at least ``MIN_EPOCH_GAIN``).  Stop when even that
+        projection misses ``min_accuracy``, or when a finished feasible trial is at least as small
+        and already scores above the projection (this one could only end up dominated on
+        accuracy and size)."""
+        if epochs_left == 0 or not log.scores:
+            return None
+        history = [log.score_before, *log.scores] if log.score_before is not None else log.scores
+        gains = [b - a for a, b in zip(history, history[1:])]
+        projected = log.scores[-1] + epochs_left * max([MIN_EPOCH_GAIN, *gains])
+        floor = self.budgets.min_accuracy
+        if floor is not None and projected < floor:
+            return (f"stopped after epoch {len(log.scores)}: validation {log.scores[-1]:.4f}, optimistic final "
+                    f"{projected:.4f} < min accuracy {floor:.4f}")
+        if size_estimate is not None:
+            for other in self.history:
+                m = other.measurements
+                if other.feasible and m is not None and m.size_bytes <= size_estimate and m.accuracy > projected:
+                    return (f"stopped after epoch {len(log.scores)}: dominated by trial {other.number} "
+                            f"({m.accuracy:.4f} at {m.size_bytes} B >= optimistic {projected:.4f} at ~{size_estimate} B)")
+        return None
 
     def measure(self, artifact: Path | str, split: str) -> Measurements:
         """Load the artifact as a user would, then measure it."""

@@ -38,11 +38,15 @@ class Planner:
 
     def sample(self, space: Suggester, task: Task, seed: int) -> Plan:
         chosen: list[Technique] = []
-        for family, members in self.by_family.items():
+        families = list(self.by_family.items())
+        for index, (family, members) in enumerate(families):
             allowed = [t for t in members if not self._conflicts(t, chosen)]
             choices = ["none", *(t.name for t in allowed)]
             name = f"use.{family}" if len(allowed) == len(members) else f"use.{family}[{'|'.join(choices[1:]) or 'none'}]"
-            pick = space.suggest_categorical(name, choices) if len(choices) > 1 else "none"
+            if index == len(families) - 1 and not chosen and allowed:
+                # An empty plan is the baseline, which is measured anyway: spend no trial on it.
+                choices, name = choices[1:], f"use.{family}[required]"
+            pick = space.suggest_categorical(name, choices) if len(choices) > 1 else choices[0]
             chosen.extend(t for t in allowed if t.name == pick)
         chosen.sort(key=lambda t: (t.stage, t.name))
         steps = []

@@ -22,7 +22,11 @@ class TrialRecord:
     artifact_path: str | None = None
     failure_reason: str | None = None
     notes: list[str] = field(default_factory=list)
-    epoch_losses: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)  # recovery training loss per epoch
+    epoch_scores: list[float] = field(default_factory=list)  # validation metric after each epoch
+    stopped_early: str | None = None  # why recovery ended before its planned epochs
+    training_seconds: float = 0.0
+    size_estimate_bytes: int | None = None  # artifact size before fine-tuning
     duration_s: float = 0.0
     test_measurements: Measurements | None = None  # filled for Pareto members only
     links: dict[str, Any] = field(default_factory=dict)  # e.g. mlflow_run_id, registered version
@@ -48,6 +52,7 @@ class SearchResult:
         for record in self.trials:
             out[record.state] = out.get(record.state, 0) + 1
         out["feasible"] = sum(r.feasible for r in self.trials)
+        out["stopped_early"] = sum(r.stopped_early is not None for r in self.trials)
         return out
 
     def to_dict(self) -> dict[str, Any]:

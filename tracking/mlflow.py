@@ -76,13 +76,15 @@ class MlflowTracker:
         self.parent_run_id: str | None = None
         self._task = None
 
-    def _log(self, run_id: str, *, params=None, metrics=None, tags=None, step: int = 0) -> None:
+    def _log(self, run_id: str, *, params=None, metrics=None, tags=None, steps=()) -> None:
+        """One ``log_batch`` call: params, metrics, tags and stepped metrics ``(key, step, value)``."""
         import time
 
         now = int(time.time() * 1000)
         self.client.log_batch(
             run_id,
-            metrics=[Metric(k, v, now, step) for k, v in (metrics or {}).items()],
+            metrics=[Metric(k, v, now, 0) for k, v in (metrics or {}).items()]
+            + [Metric(k, v, now, step) for k, step, v in steps],
             params=[Param(k, v) for k, v in (params or {}).items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
@@ -109,17 +111,17 @@ class MlflowTracker:
             tags={"mlflow.parentRunId": self.parent_run_id, "slimforge.kind": "trial"})
         run_id = run.info.run_id
         metrics = measurement_metrics(record.measurements and record.measurements.to_dict())
-        metrics["duration_s"] = record.duration_s
+        metrics.update(duration_s=record.duration_s, training_seconds=record.training_seconds)
         metrics.update({f"violation_{k}": v for k, v in record.violations.items()})
         tags = {"state": record.state, "feasible": record.feasible, "plan": record.plan_text[:5000],
                 "trial": record.number}
-        if record.failure_reason:
-            tags["failure_reason"] = record.failure_reason[:5000]
-        if record.notes:
-            tags["notes"] = "\n".join(record.notes)[:5000]
-        self._log(run_id, params=plan_params(record.plan), metrics=metrics, tags=tags)
-        for epoch, loss in enumerate(record.epoch_losses):
-            self._log(run_id, metrics={"train_loss": loss}, step=epoch)
+        optional = {"failure_reason": record.failure_reason, "stopped_early": record.stopped_early,
+                    "notes": "\n".join(record.notes)}
+        tags.update({k: v[:5000] for k, v in optional.items() if v})
+        # Per-epoch recovery curves go out as stepped metrics in the same single batch call.
+        steps = [("train_loss", e, v) for e, v in enumerate(record.epoch_losses)]
+        steps += [("val_score", e, v) for e, v in enumerate(record.epoch_scores)]
+        self._log(run_id, params=plan_params(record.plan), metrics=metrics, tags=tags, steps=steps)
         self.client.set_terminated(run_id, "FINISHED" if record.state != "failed" else "FAILED")
         return {"mlflow_run_id": run_id}
 
