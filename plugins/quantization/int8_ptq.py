@@ -74,6 +74,7 @@ class Int8PTQ(Technique):
     stage = Stage.QUANTIZATION
     Config = Int8PTQConfig
     description = "Static int8 PTQ (torch.ao FX, x86 kernels): per-channel weights, calibrated activations."
+    cannot_follow = frozenset({"kmeans_clustering"})  # clustered layers are not plain Conv/Linear
 
     def suggest(self, space, task) -> Int8PTQConfig:
         return Int8PTQConfig(observer=space.suggest_categorical("observer", list(OBSERVERS)),

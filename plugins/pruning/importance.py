@@ -1,0 +1,189 @@
+"""Importance scores for pruning, and the shared base of the unstructured pruning techniques.
+
+Three per-weight criteria, each a tensor shaped like the Conv/Linear weight it scores:
+
+- ``magnitude``: |w|.  Needs no data.
+- ``taylor``: |w * g|, the first-order Taylor estimate of the loss change when w is set to zero
+  (Molchanov et al., CVPR 2019).  ``g`` is the gradient of the task cross-entropy averaged over the
+  scored batches, i.e. the gradient of the loss on all scored samples.
+- ``fisher``: w^2 * mean_b(g_b^2), the Optimal-Brain-Damage saliency with the Hessian diagonal
+  replaced by the diagonal empirical Fisher (LeCun et al. 1989; Theis et al. 2018).  ``g_b`` is the
+  gradient of mini-batch ``b``: squaring mini-batch rather than per-sample gradients estimates the
+  Fisher diagonal up to the factor 1/batch-size (plus the squared mean gradient), which leaves the
+  ranking *within* a layer, all that per-layer pruning uses, unchanged in expectation while costing
+  one backward pass per batch instead of one per sample.
+
+Gradients come from ``batches`` mini-batches of ``SCORE_BATCH_SIZE`` training samples in a seeded
+shuffled order, with the model in eval mode (dropout off, batch-norm statistics frozen: the function
+being pruned is the deployed one).  ``torch.autograd.grad`` is used, so no ``.grad`` is left behind.
+
+``UnstructuredPruning`` is the technique base that magnitude_pruning, gradient_pruning and
+fisher_pruning share: same config fields, same per-layer density search space, same masks; they
+differ only in ``criterion``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from slimforge.core.errors import ConfigError
+from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
+from slimforge.plugins.common import apply_masks, keep_top, reapply_masks, weight_layers
+
+CRITERIA = ("magnitude", "taylor", "fisher")
+SCORE_BATCH_SIZE = 64
+DEFAULT_BATCHES = 8
+
+# The search samples each layer's *density* (fraction kept) log-uniformly: compression lives at
+# high sparsity, and a uniform sparsity prior would spend most trials on sizes no budget accepts.
+DENSITY_RANGE = (0.02, 1.0)
+
+
+@dataclass
+class GradientStatistics:
+    """Per-parameter gradient moments over the scored batches (keys: ``named_parameters`` names)."""
+
+    mean: dict[str, torch.Tensor]  # mean_b g_b: the gradient of the loss on all scored samples
+    mean_square: dict[str, torch.Tensor]  # mean_b g_b^2: diagonal empirical Fisher estimate
+    batches: int
+
+
+@contextlib.contextmanager
+def _scoring_mode(model: nn.Module):
+    """Eval mode and every parameter differentiable for the duration; both restored after."""
+    was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    model.eval()
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train(was_training)
+
+
+def gradient_statistics(model: nn.Module, dataset, *, batches: int = DEFAULT_BATCHES,
+                        batch_size: int = SCORE_BATCH_SIZE, seed: int = 0) -> GradientStatistics:
+    """Cross-entropy gradients of every parameter on the first ``batches`` batches of a seeded
+    shuffle of ``dataset``: their mean and the mean of their squares."""
+    if batches < 1:
+        raise ConfigError(f"batches: must be >= 1, got {batches}")
+    named = [(name, p) for name, p in model.named_parameters()]
+    device = named[0][1].device if named else torch.device("cpu")
+    total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named}
+    total_square = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named}
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    seen = 0
+    with _scoring_mode(model), torch.enable_grad():
+        for x, y in loader:
+            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+            for (name, _), g in zip(named, grads, strict=True):
+                if g is not None:  # a parameter the forward pass does not use scores zero
+                    total[name] += g.float()
+                    total_square[name] += g.float().square()
+            seen += 1
+            if seen == batches:
+                break
+    return GradientStatistics(mean={k: v / seen for k, v in total.items()},
+                              mean_square={k: v / seen for k, v in total_square.items()}, batches=seen)
+
+
+def taylor_score(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return (weight.detach().float() * grad).abs()
+
+
+def fisher_score(weight: torch.Tensor, grad_square: torch.Tensor) -> torch.Tensor:
+    return weight.detach().float().square() * grad_square
+
+
+def importance_scores(model: nn.Module, criterion: str, dataset=None, *, layers: list[str] | None = None,
+                      batches: int = DEFAULT_BATCHES, batch_size: int = SCORE_BATCH_SIZE,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-weight importance of the Conv/Linear ``layers`` (default: all of them), by name.
+
+    ``dataset`` (``(x, y)`` items) is needed by the gradient criteria only."""
+    if criterion not in CRITERIA:
+        raise ConfigError(f"criterion: must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    modules = weight_layers(model)
+    names = list(modules) if layers is None else layers
+    if criterion == "magnitude":
+        return {name: modules[name].weight.detach().abs() for name in names}
+    if dataset is None:
+        raise ConfigError(f"criterion {criterion!r} needs training data to compute gradients")
+    stats = gradient_statistics(model, dataset, batches=batches, batch_size=batch_size, seed=seed)
+    # Looked up by identity: a weight tied to another layer's is listed once, under the first name.
+    param_name = {id(p): n for n, p in model.named_parameters()}
+    if criterion == "taylor":
+        return {name: taylor_score(modules[name].weight, stats.mean[param_name[id(modules[name].weight)]])
+                for name in names}
+    return {name: fisher_score(modules[name].weight, stats.mean_square[param_name[id(modules[name].weight)]])
+            for name in names}
+
+
+# --- the unstructured techniques' shared config and behaviour ------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class UnstructuredPruningConfig:
+    technique: ClassVar[str] = "unstructured pruning"  # names the field in error messages
+    sparsity: dict[str, float] = field(default_factory=dict)  # layer name -> fraction of zeros
+    default_sparsity: float = 0.0  # for layers not named in ``sparsity``
+
+    def __post_init__(self) -> None:
+        for layer, value in {**self.sparsity, "default_sparsity": self.default_sparsity}.items():
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"{self.technique}.sparsity[{layer!r}]: must be in [0, 1), got {value!r}")
+
+    def sparsity_of(self, layer: str) -> float:
+        return self.sparsity.get(layer, self.default_sparsity)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradientScoredConfig(UnstructuredPruningConfig):
+    batches: int = DEFAULT_BATCHES  # training batches (of SCORE_BATCH_SIZE) the gradients average
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
+            raise ConfigError(f"{self.technique}.batches: must be an integer >= 1, got {self.batches!r}")
+
+
+class UnstructuredPruning(Technique):
+    """Zero the lowest-``criterion`` fraction of each Conv/Linear weight; masks kept in training.
+
+    Subclasses set ``name``, ``Config``, ``description`` and ``criterion``."""
+
+    family = Family.PRUNING
+    stage = Stage.PRUNING
+    needs_recovery = True
+    criterion: ClassVar[str]
+
+    def suggest(self, space, task):
+        sparsity = {name: round(1.0 - space.suggest_float(f"density.{name}", *DENSITY_RANGE, log=True), 3)
+                    for name in weight_layers(task.teacher)}
+        return self.Config(sparsity=sparsity)
+
+    def apply(self, model: nn.Module, config, ctx: TechniqueContext) -> nn.Module:
+        layers = weight_layers(model)
+        for name in set(config.sparsity) - set(layers):
+            ctx.note(f"{self.name}: layer {name!r} not found in the model; ignored")
+        pruned = [name for name in layers if config.sparsity_of(name) > 0]
+        scores = {}
+        if pruned:  # the gradient criteria cost a data pass: none when nothing is pruned
+            data = ctx.task.split("train") if self.criterion != "magnitude" else None
+            scores = importance_scores(model, self.criterion, data, layers=pruned,
+                                       batches=getattr(config, "batches", DEFAULT_BATCHES), seed=ctx.seed)
+        apply_masks(model, {name: keep_top(scores[name], config.sparsity_of(name)) for name in pruned}, ctx)
+        return model
+
+    def after_optimizer_step(self, model: nn.Module, config, ctx: TechniqueContext) -> None:
+        reapply_masks(model, ctx)

@@ -1,0 +1,230 @@
+"""K-means weight sharing (Deep Compression, Han et al. 2016, section 3).
+
+Per Conv/Linear layer, the weights are clustered into ``k = 2**bits`` scalar centroids by Lloyd's
+algorithm with *linear* initialisation (centroids evenly spaced between min and max: the paper's
+best, because it keeps the rare large weights that matter most).  The layer becomes a
+``ClusteredLayer`` that stores only the codebook (k floats, fine-tuned by recovery training) and
+the ``bits``-wide cluster index of every weight, bit-packed into a uint8 buffer, so the artifact
+pays ``bits`` per weight before entropy coding.  Forward decodes ``codebook[codes]`` and calls the
+layer's functional op: autograd then gives each centroid the sum of its weights' gradients, the
+paper's centroid fine-tuning rule.
+
+Weights an earlier plan step set to zero (pruning, N:M sparsity) keep code 0, which decodes to a
+constant 0.0 outside the trainable codebook, so they stay exactly zero through fine-tuning and only
+the nonzeros are clustered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimforge.core.errors import ArtifactError, ConfigError
+from slimforge.core.hookspecs import hookimpl
+from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
+from slimforge.plugins.common import pack_bits, packed_size, replace_module, unpack_bits, weight_layers
+
+# Deep Compression's LeNet/AlexNet setting: convolutions are more sensitive to sharing than fully
+# connected layers, so they default to (and search over) more bits.
+CONV_BITS, FC_BITS = 8, 5
+CONV_BITS_RANGE, FC_BITS_RANGE = (3, 8), (2, 6)
+LLOYD_ITERATIONS = 30
+_FUNCTIONAL = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class KMeansConfig:
+    bits: dict[str, int] = field(default_factory=dict)  # layer name -> code width (k = 2**bits)
+    conv_bits: int = CONV_BITS  # for convolutions not named in ``bits``
+    fc_bits: int = FC_BITS      # for Linear layers not named in ``bits``
+    iterations: int = LLOYD_ITERATIONS  # Lloyd iterations at most (stops early once converged)
+
+    def __post_init__(self) -> None:
+        for layer, value in {**self.bits, "conv_bits": self.conv_bits, "fc_bits": self.fc_bits}.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+                raise ConfigError(f"kmeans_clustering.bits[{layer!r}]: must be an integer in 1..8, got {value!r}")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ConfigError(f"kmeans_clustering.iterations: must be an integer >= 1, got {self.iterations!r}")
+
+    def bits_for(self, name: str, layer: nn.Module) -> int:
+        return self.bits.get(name, self.fc_bits if isinstance(layer, nn.Linear) else self.conv_bits)
+
+
+def linear_init(values: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.linspace(float(values.min()), float(values.max()), k, dtype=values.dtype)
+
+
+def _nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    # 1-D: the nearest of sorted centroids is found by binary search on the midpoints, O(n log k)
+    # instead of the O(n k) distance matrix a general k-means computes.
+    return torch.searchsorted((centroids[1:] + centroids[:-1]) / 2, values)
+
+
+def kmeans_1d(values: torch.Tensor, k: int, iterations: int = LLOYD_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on scalars from linear initialisation; returns sorted ``(centroids, codes)``.
+
+    Deterministic: no random restarts.  A centroid whose cluster empties keeps its position."""
+    values = values.flatten().to(torch.float64)
+    if values.numel() == 0:
+        return torch.zeros(k, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
+    centroids = linear_init(values, k)
+    for _ in range(iterations):
+        codes = _nearest(values, centroids)
+        counts = torch.bincount(codes, minlength=k)
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, codes, values)
+        updated = torch.where(counts > 0, sums / counts.clamp(min=1), centroids).sort().values
+        if torch.equal(updated, centroids):
+            break
+        centroids = updated
+    return centroids, _nearest(values, centroids)
+
+
+class ClusteredLayer(nn.Module):
+    """A Conv/Linear layer whose weight is ``codebook[codes]``.
+
+    State: ``codebook`` (trainable centroids), ``codes`` (bit-packed uint8), ``bias``.  With
+    ``zero_code`` the code 0 means an exact, untrainable 0.0 and ``codebook`` holds the other
+    ``2**bits - 1`` centroids."""
+
+    def __init__(self, layer: nn.Module, bits: int, zero_code: bool):
+        super().__init__()
+        self.op = _FUNCTIONAL[type(layer)]
+        self.bits, self.zero_code = bits, zero_code
+        self.weight_shape = tuple(layer.weight.shape)
+        weight = layer.weight.detach()
+        self.codebook = nn.Parameter(weight.new_zeros((1 << bits) - int(zero_code)))
+        count = weight.numel()
+        self.register_buffer("codes", torch.zeros(packed_size(count, bits), dtype=torch.uint8, device=weight.device))
+        # Decoded indices for the forward pass; derived from ``codes``, so never saved.
+        self.register_buffer("code_index", torch.zeros(self.weight_shape, dtype=torch.int64, device=weight.device),
+                             persistent=False)
+        self._decoded = self._decoded_from = None  # inference cache; plain attributes, never saved
+        if layer.bias is not None:
+            self.bias = nn.Parameter(layer.bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
+        if self.op != "linear":
+            self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+            self.groups, self.padding_mode = layer.groups, layer.padding_mode
+            self._reversed_padding_repeated_twice = list(layer._reversed_padding_repeated_twice)
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        codes = codes.to(torch.int64).reshape(self.weight_shape)
+        with torch.no_grad():
+            self.codes.copy_(pack_bits(codes.cpu(), self.bits))
+            self.code_index.copy_(codes)
+        self._decoded_from = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        count = math.prod(self.weight_shape)
+        with torch.no_grad():
+            self.code_index.copy_(unpack_bits(self.codes.cpu(), self.bits, count).view(self.weight_shape))
+        self._decoded_from = None
+
+    def decoded_weight(self) -> torch.Tensor:
+        if torch.is_grad_enabled():  # training: decode every time, so gradients reach the codebook
+            return self._decode()
+        # Inference decodes once, as a deployed Deep Compression model does at load time: the
+        # per-call gather otherwise costs more than the layer's matmul.  The codebook is compared
+        # by value (a few hundred floats), because writes through ``.data`` or a fused optimizer
+        # leave no trace in its version counter; the codes only change in set_codes/load.
+        book = self.codebook.detach()
+        cached = self._decoded_from
+        stale = cached is None or (cached.device, cached.dtype) != (book.device, book.dtype)
+        if stale or not torch.equal(cached, book):
+            self._decoded, self._decoded_from = self._decode(), book.clone()
+        return self._decoded
+
+    def _decode(self) -> torch.Tensor:
+        table = torch.cat([self.codebook.new_zeros(1), self.codebook]) if self.zero_code else self.codebook
+        return table[self.code_index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.decoded_weight()
+        if self.op == "linear":
+            return F.linear(x, weight, self.bias)
+        conv = F.conv2d if self.op == "conv2d" else F.conv1d
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return conv(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.op}, weight_shape={self.weight_shape}, bits={self.bits}, "
+                f"centroids={self.codebook.numel()}{' + exact zero' if self.zero_code else ''}")
+
+
+def _worth_clustering(layer: nn.Module, bits: int) -> bool:
+    """Codebook + packed codes must be smaller than the dense weight, or sharing only adds bytes."""
+    weight = layer.weight
+    clustered = packed_size(weight.numel(), bits) + (1 << bits) * weight.element_size()
+    return clustered < weight.numel() * weight.element_size()
+
+
+class KMeansClustering(Technique):
+    name = "kmeans_clustering"
+    family = Family.SHARING
+    stage = Stage.SHARING
+    Config = KMeansConfig
+    needs_recovery = True
+    description = "Deep Compression weight sharing: per-layer k-means codebook (2**bits centroids), packed codes."
+    # Clustered layers are no longer plain Conv/Linear modules: torch.ao quantization and
+    # weight-only quantizers look for those and would either fail or dequantize the sharing away.
+    cannot_precede = frozenset({"int8_ptq", "int8_dynamic", "weight_only_quant"})
+
+    def suggest(self, space, task) -> KMeansConfig:
+        bits = {}
+        for name, layer in weight_layers(task.teacher).items():
+            low, high = FC_BITS_RANGE if isinstance(layer, nn.Linear) else CONV_BITS_RANGE
+            bits[name] = space.suggest_int(f"bits.{name}", low, high)
+        return KMeansConfig(bits=bits)
+
+    def apply(self, model: nn.Module, config: KMeansConfig, ctx: TechniqueContext) -> nn.Module:
+        layers = weight_layers(model)
+        for name in sorted(set(config.bits) - set(layers)):
+            ctx.note(f"kmeans_clustering: layer {name!r} not found among the model's Conv/Linear layers; ignored")
+        for name, module in model.named_modules():
+            if name not in layers and isinstance(getattr(module, "weight", None), nn.Parameter):
+                ctx.note(f"kmeans_clustering: {name!r} ({type(module).__name__}) is not a Conv/Linear layer; "
+                         "left dense")
+        recorded = {}
+        for name, layer in layers.items():
+            bits = config.bits_for(name, layer)
+            if not _worth_clustering(layer, bits):
+                ctx.note(f"kmeans_clustering: {name!r} has {layer.weight.numel()} weights, too few for a "
+                         f"{1 << bits}-entry codebook to save bytes; left dense")
+                continue
+            weight = layer.weight.detach().cpu()
+            nonzero = weight != 0
+            zero_code = not bool(nonzero.all())
+            centroids, codes = kmeans_1d(weight[nonzero], (1 << bits) - int(zero_code), config.iterations)
+            all_codes = torch.zeros(weight.shape, dtype=torch.int64)
+            all_codes[nonzero] = codes + int(zero_code)
+            clustered = ClusteredLayer(layer, bits, zero_code)
+            with torch.no_grad():
+                clustered.codebook.copy_(centroids.to(clustered.codebook.dtype))
+            clustered.set_codes(all_codes)
+            replace_module(model, name, clustered)
+            recorded[name] = {"bits": bits, "zero_code": zero_code}
+        ctx.structure["layers"] = recorded
+        return model
+
+    def restore_structure(self, model, config: KMeansConfig, example_inputs, structure) -> nn.Module:
+        layers = weight_layers(model)
+        for name, spec in structure.get("layers", {}).items():
+            if name not in layers:
+                raise ArtifactError(f"kmeans_clustering: clustered layer {name!r} is not a Conv/Linear layer "
+                                    "of the rebuilt model")
+            replace_module(model, name, ClusteredLayer(layers[name], int(spec["bits"]), bool(spec["zero_code"])))
+        return model
+
+
+@hookimpl
+def slimforge_register_techniques(registry):
+    registry.add(KMeansClustering)
