@@ -26,6 +26,7 @@ examples:
 """
 
 SEARCH_KEYS = {"trials", "timeout", "seed", "study", "storage", "out", "techniques", "device",
+               "disable_plugins", "strict_plugins",
                "tracking_uri", "tracking", "experiment", "registered_model", "latency_threads",
                "latency_repeats", "latency_batch_size"}
 BUDGET_KEYS = {"max_size", "max_latency", "min_accuracy", "max_accuracy_drop"}
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     run.add_argument("--techniques", help="comma-separated technique names to search over (default: all; "
                                           "see 'slimforge plugins list')")
+    run.add_argument("--disable-plugins", help="comma-separated plugin (entry point) or technique names to leave out")
+    run.add_argument("--strict-plugins", action="store_true", default=None,
+                     help="fail when a third-party plugin cannot load (default: name it on stderr and skip it)")
     run.add_argument("--seed", type=int, help="sampler and trial seed (default 0)")
     run.add_argument("--study", help="study name; an existing name resumes that study")
     run.add_argument("--storage", help="Optuna storage URL (default: sqlite file OUT/optuna.db)")
@@ -83,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="inspect installed technique plugins")
     plugins_sub = plugins.add_subparsers(dest="plugins_command", metavar="ACTION")
-    plugins_sub.add_parser("list", help="every technique with its family, stage and source package")
+    listing = plugins_sub.add_parser("list", help="every technique with its family, stage and source package")
+    listing.add_argument("--strict-plugins", action="store_true", help="fail on a plugin that cannot load")
+    listing.add_argument("--disable-plugins", help="comma-separated plugin or technique names to leave out")
     return parser
 
 
@@ -101,18 +107,25 @@ def _search_settings(args, file_search: dict):
             merged[key] = value
     if args.no_tracking:
         merged["tracking"] = False
-    techniques = merged.get("techniques")
-    if isinstance(techniques, str):
-        techniques = tuple(t.strip() for t in techniques.split(",") if t.strip())
+    techniques, disabled = (_name_list(merged.get(key)) for key in ("techniques", "disable_plugins"))
     latency = LatencySettings(**{k: merged.pop(f"latency_{k}") for k in ("threads", "repeats", "batch_size")
                                  if f"latency_{k}" in merged})
     kwargs = {"trials": merged.get("trials"), "timeout_s": merged.get("timeout"), "seed": merged.get("seed"),
               "study": merged.get("study"), "storage": merged.get("storage"), "out_dir": merged.get("out"),
-              "techniques": tuple(techniques) if techniques else None, "device": merged.get("device"),
+              "techniques": techniques or None, "device": merged.get("device"),
+              "disabled_plugins": disabled, "strict_plugins": merged.get("strict_plugins"),
               "tracking_uri": merged.get("tracking_uri"), "tracking": merged.get("tracking"),
               "experiment": merged.get("experiment"), "registered_model": merged.get("registered_model"),
               "progress": not args.no_progress, "latency": latency}
     return SearchSettings(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _name_list(value) -> tuple[str, ...]:
+    """``"a, b"`` or ``["a", "b"]`` -> ``("a", "b")``."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(str(item).strip() for item in items if str(item).strip())
 
 
 def cmd_search(args) -> int:
@@ -198,12 +211,15 @@ def cmd_evaluate(args) -> int:
 def cmd_plugins(args) -> int:
     from slimforge.core.manager import Plugins
 
-    rows = Plugins().plugin_rows()
+    plugins = Plugins(strict=args.strict_plugins, disabled=_name_list(args.disable_plugins))
+    rows = plugins.plugin_rows()
     columns = ("technique", "family", "stage", "source", "description")
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns[:-1]}
     print("  ".join(c.ljust(widths[c]) for c in columns[:-1]) + "  description")
     for row in rows:
         print("  ".join(row[c].ljust(widths[c]) for c in columns[:-1]) + "  " + row["description"])
+    for name, reason in plugins.skipped:
+        print(f"skipped plugin {name}: {reason}")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from importlib import metadata
 from typing import Any
 
@@ -32,10 +33,17 @@ def _version() -> str:
 class Plugins:
     """A configured pluggy manager plus the technique registry its plugins filled."""
 
-    def __init__(self, *, load_entry_points: bool | None = None, extra_plugins: tuple[Any, ...] = ()):
+    def __init__(self, *, load_entry_points: bool | None = None, extra_plugins: tuple[Any, ...] = (),
+                 strict: bool = False, disabled: tuple[str, ...] = ()):
+        """``strict``: a third-party plugin that fails to import or register is fatal instead of
+        being named on stderr and skipped.  ``disabled``: entry-point plugin names or technique
+        names to leave out."""
         from slimforge.core.measure import DefaultMeasurements
         from slimforge.plugins import BUILTIN_PLUGINS
 
+        self.strict, self.disabled = strict, set(disabled)
+        self.skipped: list[tuple[str, str]] = []  # (plugin, reason) for third-party plugins left out
+        self._entry_point_plugins: set[str] = set()
         self.pm = pluggy.PluginManager("slimforge")
         self.pm.add_hookspecs(hookspecs)
         self.pm.register(DefaultMeasurements(), name="slimforge.core.measure")
@@ -62,25 +70,58 @@ class Plugins:
             for ep in dist.entry_points:
                 if ep.group != ENTRY_POINT_GROUP or self.pm.has_plugin(ep.name):
                     continue
+                source = f"{dist.metadata['Name']} {dist.version}"
+                if ep.name in self.disabled:
+                    self.skipped.append((ep.name, f"{source}: disabled by configuration"))
+                    continue
                 try:
-                    plugin = ep.load()
-                except Exception as exc:
-                    raise PluginError(f"plugin {ep.name!r} from {dist.metadata['Name']} failed to import: {exc}") from exc
-                self._register(plugin, ep.name, f"{dist.metadata['Name']} {dist.version}")
+                    self._register(ep.load(), ep.name, source)
+                except Exception as exc:  # import error, or pluggy rejecting a malformed hookimpl
+                    self._fail(ep.name, f"{source}: failed to load: {type(exc).__name__}: {exc}", exc)
+                    continue
+                self._entry_point_plugins.add(ep.name)
+
+    def _fail(self, plugin: str, reason: str, exc: BaseException | None = None) -> None:
+        """A third-party plugin failed: fatal in strict mode, otherwise named and skipped."""
+        if self.strict:
+            raise PluginError(f"plugin {plugin!r} ({reason}); run without --strict-plugins to skip it") from exc
+        self.skipped.append((plugin, reason))
+        print(f"slimforge: warning: skipping plugin {plugin!r}: {reason}", file=sys.stderr)
 
     def _check_unknown_hooks(self) -> None:
         for plugin in self.pm.get_plugins():
             for attr in dir(plugin):
-                if attr.startswith("slimforge_") and not hasattr(self.pm.hook, attr):
-                    raise PluginError(f"plugin {self.pm.get_name(plugin)!r} implements unknown hook {attr!r}")
+                if not attr.startswith("slimforge_"):
+                    continue
+                # Registering a @hookimpl creates a spec-less caller for its name, so "has a
+                # caller" is not "is a known hook": only a spec makes it one.
+                caller = getattr(self.pm.hook, attr, None)
+                if caller is None or not caller.has_spec():
+                    label = getattr(plugin, "__name__", None) or type(plugin).__qualname__
+                    name = self.pm.get_name(plugin)
+                    if name in self._entry_point_plugins:
+                        self.pm.unregister(plugin)
+                        self._fail(name, f"{self._sources[name]}: implements unknown hook {attr!r}")
+                        break
+                    raise PluginError(f"plugin {label!r} implements unknown hook {attr!r}")
 
     def _collect_techniques(self) -> TechniqueRegistry:
         registry = TechniqueRegistry()
-        # Call each plugin's implementation separately so every technique knows its source package.
+        # Call each plugin's implementation separately so every technique knows its source
+        # package, and a third-party plugin that fails to register is skipped alone.
         for impl in self.pm.hook.slimforge_register_techniques.get_hookimpls():
-            registry.current_source = self._sources.get(impl.plugin_name, impl.plugin_name)
-            impl.function(registry=registry)
+            source = self._sources.get(impl.plugin_name, impl.plugin_name)
+            registry.current_source = source
+            before = set(registry.names())
+            try:
+                impl.function(registry=registry)
+            except Exception as exc:
+                if impl.plugin_name not in self._entry_point_plugins:
+                    raise  # a broken built-in or explicitly passed plugin: never hide it
+                registry.remove(set(registry.names()) - before)
+                self._fail(impl.plugin_name, f"{source}: failed to register techniques: {type(exc).__name__}: {exc}", exc)
         registry.current_source = "unknown"
+        registry.remove(self.disabled & set(registry.names()))
         return registry
 
     # --- hook calls ------------------------------------------------------------------------------

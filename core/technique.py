@@ -23,6 +23,9 @@ if typing.TYPE_CHECKING:  # torch is heavy; keep `import slimforge.core.techniqu
     from slimforge.search.space import Suggester
 
 
+REQUIREMENTS = frozenset({"teacher", "training_data", "calibration_data", "gpu"})
+
+
 class Family(str, enum.Enum):
     """What kind of compression a technique does.  A plan holds at most one technique per family."""
 
@@ -86,6 +89,9 @@ class Technique:
     # no longer plain Linear/Conv modules).
     cannot_follow: ClassVar[frozenset[str]] = frozenset()
     cannot_precede: ClassVar[frozenset[str]] = frozenset()
+    # What the technique needs from the search, a subset of REQUIREMENTS; the planner leaves it
+    # out where that is not available (e.g. "gpu" on a CPU search).
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     # --- search ----------------------------------------------------------------------------------
     def suggest(self, space: Suggester, task: Task) -> Any:
@@ -160,10 +166,17 @@ class TechniqueRegistry:
             raise PluginError(f"technique class {cls.__qualname__} lacks {', '.join(missing)}")
         if not (dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen):
             raise PluginError(f"technique {cls.name!r}: Config must be a frozen dataclass")
+        unknown = set(cls.requires) - REQUIREMENTS
+        if unknown:
+            raise PluginError(f"technique {cls.name!r} requires unknown {sorted(unknown)}; valid: {sorted(REQUIREMENTS)}")
         if cls.name in self._entries and self._entries[cls.name].cls is not cls:
             other = self._entries[cls.name].source
             raise PluginError(f"technique name {cls.name!r} registered twice ({other} and {self.current_source})")
         self._entries[cls.name] = RegisteredTechnique(cls, self.current_source)
+
+    def remove(self, names) -> None:
+        for name in names:
+            self._entries.pop(name, None)
 
     def get(self, name: str) -> Technique:
         try:

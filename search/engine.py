@@ -40,6 +40,8 @@ class SearchSettings:
     storage: str | None = None  # Optuna RDB URL; None: sqlite file in out_dir
     out_dir: Path = Path("slimforge-out")
     techniques: tuple[str, ...] | None = None  # None: every registered technique
+    disabled_plugins: tuple[str, ...] = ()  # entry-point plugin or technique names to leave out
+    strict_plugins: bool = False  # a third-party plugin that fails to load is fatal, not skipped
     device: str = "cpu"
     latency: LatencySettings = field(default_factory=LatencySettings)
     tracking_uri: str | None = None  # None: sqlite:///mlflow.db in the working directory
@@ -82,9 +84,10 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         import torch
         if not torch.cuda.is_available():
             raise ConfigError("--device: 'cuda' requested but torch sees no CUDA device; valid here: cpu")
-    plugins = plugins or Plugins()
+    plugins = plugins or Plugins(strict=settings.strict_plugins, disabled=settings.disabled_plugins)
     settings = settings.resolved(task)
-    planner = Planner(plugins.registry, settings.techniques)
+    available = {"teacher", "training_data", "calibration_data"} | ({"gpu"} if settings.device.startswith("cuda") else set())
+    planner = Planner(plugins.registry, settings.techniques, available=available)
     artifact_dir = settings.out_dir / "artifacts" / settings.study
     artifact_dir.mkdir(parents=True, exist_ok=True)
     runner = TrialRunner(task=task, plugins=plugins, budgets=budgets, artifact_dir=artifact_dir,

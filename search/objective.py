@@ -105,7 +105,7 @@ class TrialRunner:
                                     "rejected untrained")
 
         val = self.task.split("val")
-        log = recover(model, applied, self.task.split("train"), plan.recovery, device=self.device, seed=plan.seed,
+        log = RecoveryLog() if plan.recovery.epochs == 0 else recover(model, applied, self.task.split("train"), plan.recovery, device=self.device, seed=plan.seed,
                       teacher_outputs=self.teacher_outputs,
                       score=lambda m: evaluate(m, val, self.task.metric, device=self.device),
                       should_stop=lambda log, left: self.early_stop(log, left, size_estimate))

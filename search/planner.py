@@ -27,11 +27,24 @@ RECOVERY_LR = (1e-4, 3e-3)
 
 
 class Planner:
-    def __init__(self, registry: TechniqueRegistry, techniques: Iterable[str] | None = None):
-        names = list(techniques) if techniques is not None else registry.names()
+    def __init__(self, registry: TechniqueRegistry, techniques: Iterable[str] | None = None,
+                 available: set[str] | None = None):
+        """``available``: what this search can offer techniques (see ``Technique.requires``);
+        None means everything.  Techniques needing more are left out, or refused when named."""
+        explicit = techniques is not None
+        names = list(techniques) if explicit else registry.names()
         if not names:
             raise ConfigError("techniques: at least one technique must be enabled; valid choices: " + ", ".join(registry.names()))
         self.techniques: list[Technique] = [registry.get(name) for name in names]  # raises on unknown names
+        if available is not None:
+            runnable = [t for t in self.techniques if t.requires <= available]
+            missing = {t.name: sorted(t.requires - available) for t in self.techniques if t not in runnable}
+            if explicit and missing:
+                name, needs = next(iter(missing.items()))
+                raise ConfigError(f"techniques: {name!r} needs {', '.join(needs)}, which this search does not have")
+            self.techniques = runnable
+            if not runnable:
+                raise ConfigError("techniques: none of the enabled techniques can run here")
         self.by_family: dict[str, list[Technique]] = {}
         for technique in sorted(self.techniques, key=lambda t: (t.stage, t.name)):
             self.by_family.setdefault(technique.family.value, []).append(technique)

@@ -56,6 +56,7 @@ class KnowledgeDistillation(Technique):
     stage = Stage.TRAINING
     Config = KnowledgeDistillationConfig
     needs_recovery = True
+    requires = frozenset({"teacher", "training_data"})
     description = "Hinton KD (KL*T^2) or logit MSE from the original model, mixed with CE; alpha, T searched."
 
     def suggest(self, space, task) -> KnowledgeDistillationConfig:

@@ -73,6 +73,7 @@ class Int8PTQ(Technique):
     family = Family.QUANTIZATION
     stage = Stage.QUANTIZATION
     Config = Int8PTQConfig
+    requires = frozenset({"calibration_data"})
     description = "Static int8 PTQ (torch.ao FX, x86 kernels): per-channel weights, calibrated activations."
     cannot_follow = frozenset({"kmeans_clustering"})  # clustered layers are not plain Conv/Linear
 

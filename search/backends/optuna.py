@@ -32,9 +32,18 @@ class OptunaBackend:
         optuna.logging.set_verbosity(logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self.budgets = budgets
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True)
+
+        def sampler(seed):
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True)
+
         self.study = optuna.create_study(storage=storage, study_name=study_name, directions=list(DIRECTIONS),
-                                         sampler=sampler, load_if_exists=True)
+                                         sampler=sampler(seed), load_if_exists=True)
+        recorded = len(self.study.get_trials(deepcopy=False))
+        if recorded:
+            # A seeded sampler restarts its random stream in every process, so a resumed study
+            # would re-draw the plans of its first (random start-up) trials.  Offsetting the seed
+            # by the trials already recorded continues the search and stays reproducible.
+            self.study.sampler = sampler(seed + recorded)
         self._close_interrupted_trials()
 
     def _close_interrupted_trials(self) -> None:
