@@ -5,11 +5,12 @@ A user task is a TOML file whose ``[task]`` table points at ``module:function`` 
     [task]
     name = "my-digits"
     model = "mypkg.models:trained_model"   # -> trained nn.Module (the teacher)
+    architecture = "mypkg.models:net"      # optional: -> untrained module of the same architecture
     data = "mypkg.data:splits"             # -> {"train", "val", "test"[, "calibration"]} datasets
     metric = "mypkg.metrics:accuracy"      # optional: (outputs, targets) -> float, higher is better
 
-The model factory is also how an artifact rebuilds the architecture before loading its tensors, so
-it must be importable wherever the artifact is loaded.
+An artifact rebuilds the architecture before loading its tensors through ``architecture`` (default:
+the ``model`` factory, which may retrain); it must be importable wherever the artifact is loaded.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class Task:
 def builtin_tasks() -> dict[str, Callable[..., Task]]:
     from slimforge.core import embedded
 
-    return {"mnist-lenet5": embedded.mnist_lenet5_task}
+    return {"mnist-lenet5": embedded.mnist_lenet5_task, "mnist-lenet300": embedded.mnist_lenet300_task}
 
 
 def load_task(spec: str | Path | None = None, **builtin_kwargs: Any) -> Task:
@@ -173,7 +174,8 @@ def task_from_config(path: Path) -> Task:
 
 
 def task_from_table(section: dict[str, Any], base_dir: Path, origin: str) -> Task:
-    allowed = {"name", "model", "model_kwargs", "data", "data_kwargs", "metric", "metric_name", "python_path"}
+    allowed = {"name", "model", "model_kwargs", "architecture", "architecture_kwargs", "data", "data_kwargs",
+               "metric", "metric_name", "python_path"}
     for key in section:
         if key not in allowed:
             raise UnknownNameError("[task] key", key, allowed)
@@ -185,6 +187,8 @@ def task_from_table(section: dict[str, Any], base_dir: Path, origin: str) -> Tas
         if str(entry) not in sys.path:
             sys.path.insert(0, str(entry))
     model_ref = FactoryRef(section["model"], dict(section.get("model_kwargs", {})))
+    architecture_ref = (FactoryRef(section["architecture"], dict(section.get("architecture_kwargs", {})))
+                        if "architecture" in section else model_ref)
     data_ref = FactoryRef(section["data"], dict(section.get("data_kwargs", {})))
     splits = data_ref.call("[task] data")
     if not isinstance(splits, dict):
@@ -195,7 +199,7 @@ def task_from_table(section: dict[str, Any], base_dir: Path, origin: str) -> Tas
         metric_name = section.get("metric_name", section["metric"].rpartition(":")[2])
     return Task(
         name=section.get("name", Path(origin).stem),
-        architecture=model_ref,
+        architecture=architecture_ref,
         teacher_factory=lambda: model_ref.call("[task] model"),
         splits=splits,
         metric=metric,

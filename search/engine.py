@@ -119,12 +119,13 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
             member.test_measurements = runner.measure(member.artifact_path, "test")
         result = SearchResult(study_name=settings.study, task=task.name, budgets=budgets.to_dict(),
                               baseline=baseline, baseline_test=baseline_test, trials=records, pareto=pareto,
-                              settings=settings.to_dict())
+                              settings=settings.to_dict(), metric=task.metric_name)
+        write_reports(result, settings.out_dir)  # before search_end: trackers attach these files
         plugins.search_end(result)
     finally:
         if tracker is not None:
             plugins.unregister(tracker)
-    write_summary(result, settings.out_dir / "summary.json")
+    write_summary(result, settings.out_dir / "summary.json")  # again, now with registry links
     return result
 
 
@@ -174,6 +175,15 @@ def _record_from_dict(data: dict) -> TrialRecord:
         if data.get(key) is not None:
             data[key] = Measurements(**data[key])
     return TrialRecord(**data)
+
+
+def write_reports(result: SearchResult, out_dir: Path) -> None:
+    """summary.json, trials.csv and pareto.png in ``out_dir``."""
+    from slimforge.tracking.report import write_pareto_plot, write_trials_csv
+
+    write_summary(result, out_dir / "summary.json")
+    write_trials_csv(result, out_dir / "trials.csv")
+    write_pareto_plot(result, out_dir / "pareto.png")
 
 
 def write_summary(result: SearchResult, path: Path) -> None:

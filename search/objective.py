@@ -95,8 +95,12 @@ class TrialRunner:
             # the plan before paying for fine-tuning if its file would already be too big.  The
             # estimate also feeds the early-stopping dominance rule.
             estimate_model, estimate_applied = self._apply(copy.deepcopy(model), finishing, plan, TrialRecord(0, "", {}, ""))
-            size_estimate = save_model(estimate_model, artifact, task=self.task, plan=plan,
-                                       structure=[step.ctx.structure for step in applied + estimate_applied])
+            estimate_path = artifact.with_suffix(".estimate.slim")
+            try:
+                size_estimate = save_model(estimate_model, estimate_path, task=self.task, plan=plan,
+                                           structure=[step.ctx.structure for step in applied + estimate_applied])
+            finally:
+                estimate_path.unlink(missing_ok=True)  # only its size matters; no orphan files
             record.size_estimate_bytes = size_estimate
             limit = self.budgets.max_size_bytes
             if limit is not None and size_estimate > limit * (1 + SIZE_ESTIMATE_SLACK):

@@ -46,6 +46,7 @@ class SearchResult:
     pareto: list[TrialRecord]
     settings: dict[str, Any] = field(default_factory=dict)
     links: dict[str, Any] = field(default_factory=dict)
+    metric: str = "accuracy"  # name of the task metric that the "accuracy" fields hold
 
     def counts(self) -> dict[str, int]:
         out = {COMPLETE: 0, REJECTED: 0, FAILED: 0}
@@ -59,6 +60,7 @@ class SearchResult:
         return {
             "study": self.study_name,
             "task": self.task,
+            "metric": self.metric,
             "budgets": self.budgets,
             "settings": self.settings,
             "baseline": {"val": self.baseline.to_dict(), "test": self.baseline_test.to_dict()},

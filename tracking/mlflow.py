@@ -133,8 +133,10 @@ class MlflowTracker:
         counts = result.counts()
         self._log(self.parent_run_id, metrics={f"trials_{k}": v for k, v in counts.items()},
                   tags={"pareto_trials": ",".join(str(m.number) for m in result.pareto)})
-        self.client.log_text(self.parent_run_id, json.dumps(result.to_dict() | {"pareto_links": links}, indent=2, default=str),
-                             "summary.json")
+        out_dir = Path(result.settings["out_dir"])
+        for name in ("summary.json", "trials.csv", "pareto.png"):
+            if (out_dir / name).exists():
+                self.client.log_artifact(self.parent_run_id, str(out_dir / name))
         self.client.set_terminated(self.parent_run_id, "FINISHED")
         result.links["mlflow_parent_run_id"] = self.parent_run_id
         return links
@@ -142,6 +144,13 @@ class MlflowTracker:
     def _register(self, member, result) -> dict:
         import numpy as np
         from mlflow.models import infer_signature
+
+        # A resumed search finds the Pareto members of its earlier runs again: keep their versions
+        # rather than registering the same artifact twice.
+        for existing in self.client.search_model_versions(
+                f"name='{self.registered_model}' and run_id='{member.links['mlflow_run_id']}'"):
+            return {"registered_model": self.registered_model, "model_version": int(existing.version),
+                    "model_uri": f"models:/{self.registered_model}/{existing.version}"}
 
         example = self._task.example_inputs(2)[0].numpy().astype(np.float32)
         import torch
