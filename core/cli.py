@@ -22,6 +22,7 @@ examples:
   slimforge search --study NAME --trials 30          # resume study NAME up to 30 trials
   slimforge evaluate out/artifacts/<study>/trial-0003.slim
   slimforge plugins list
+  slimforge promote --model mnist-lenet5-compressed --policy smallest --min-accuracy 97% --dry-run
   mlflow ui --backend-store-uri sqlite:///mlflow.db  # browse runs and registered models
 """
 
@@ -84,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="split to score (default test)")
     evaluate.add_argument("--config", type=Path, help="task config, when the artifact's task cannot be rebuilt from its header")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a line of text")
+
+    promote = sub.add_parser("promote", help="move the 'champion' alias to a registered version that really wins",
+                             description="Re-measure every version of a registered model from the registry (held-out "
+                                         "split, file bytes, timed latency) and move the 'champion' alias only if the "
+                                         "policy's best version beats the current champion. The decision is recorded.")
+    promote.add_argument("--model", required=True, help="registered model name, e.g. mnist-lenet5-compressed")
+    promote.add_argument("--policy", default="best-accuracy",
+                         help="best-accuracy (highest accuracy within --max-size/--max-latency) or smallest "
+                              "(smallest with accuracy >= --min-accuracy); default best-accuracy")
+    promote.add_argument("--min-accuracy", help="accuracy floor: 0.97 or 97%%")
+    promote.add_argument("--max-size", help="size limit, e.g. 150KB")
+    promote.add_argument("--max-latency", help="latency limit in ms")
+    promote.add_argument("--split", default="test", help="held-out split to re-measure on (default test)")
+    promote.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db in the working dir)")
+    promote.add_argument("--dry-run", action="store_true", help="show the decision without moving the alias or recording it")
 
     plugins = sub.add_parser("plugins", help="inspect installed technique plugins")
     plugins_sub = plugins.add_subparsers(dest="plugins_command", metavar="ACTION")
@@ -208,6 +224,25 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from slimforge.search.budgets import Budgets
+    from slimforge.tracking.registry import promote
+
+    limits = Budgets.parse(max_size=args.max_size, max_latency=args.max_latency, min_accuracy=args.min_accuracy)
+    uri = args.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    decision = promote(args.model, args.policy, tracking_uri=uri, min_accuracy=limits.min_accuracy,
+                       max_size_bytes=limits.max_size_bytes, max_latency_ms=limits.max_latency_ms, split=args.split,
+                       dry_run=args.dry_run, progress=lambda msg: print(msg, file=sys.stderr))
+    print(f"{'version':>7}  {'acc':>7}  {'logged acc':>10}  {'bytes':>8}  {'logged bytes':>12}  {'ms':>7}  eligible")
+    for c in decision.versions:
+        marker = " (champion)" if c.version == decision.champion_before else ""
+        print(f"{c.version:>7}  {c.accuracy:>7.4f}  {c.logged.get('accuracy_test', '-')[:10]:>10}  {c.size_bytes:>8}  "
+              f"{c.logged.get('size_bytes', '-'):>12}  {c.latency_ms:>7.3f}  {'yes' if c.eligible else 'no: ' + c.why_not}{marker}")
+    verb = "PROMOTED" if decision.promoted else "NOT PROMOTED"
+    print(f"\n{verb}: {decision.reason}")
+    return 0
+
+
 def cmd_plugins(args) -> int:
     from slimforge.core.manager import Plugins
 
@@ -231,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "plugins" and args.plugins_command is None:
         parser.parse_args(["plugins", "--help"])
-    handler = {"search": cmd_search, "evaluate": cmd_evaluate, "plugins": cmd_plugins}[args.command]
+    handler = {"search": cmd_search, "evaluate": cmd_evaluate, "promote": cmd_promote, "plugins": cmd_plugins}[args.command]
     try:
         return handler(args)
     except SlimforgeError as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import warnings
 from pathlib import Path
@@ -25,9 +24,8 @@ try:
 except ImportError as exc:  # pragma: no cover
     raise MissingDependencyError("mlflow", "MLflow tracking") from exc
 
-# MLflow chatter (per-download progress bars, "already exists" notices, a type-hint suggestion that
-# does not apply to array inputs) would bury the search's own progress output.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow chatter ("already exists" notices, a type-hint suggestion that does not apply to array
+# inputs) would bury the search's own progress output.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 PREDICT_HINT_WARNING = "(?s).*type hints to the `predict` method"
 

@@ -24,6 +24,7 @@ class FisherPruning(UnstructuredPruning):
     name = "fisher_pruning"
     Config = FisherPruningConfig
     criterion = "fisher"
+    requires = frozenset({"training_data"})  # the gradients are of the task loss on training batches
     description = "Unstructured Fisher/OBD w^2*E[grad^2] pruning, per-layer sparsity searched; masks kept."
 
 

@@ -1,8 +1,9 @@
-"""Unstructured first-order Taylor pruning: zero the weights with the smallest |w * dL/dw|.
+"""Unstructured first-order Taylor pruning: zero the weights with the smallest mean_b |w * dL_b/dw|.
 
 |w * g| estimates how much the task loss changes when w is removed (Molchanov et al., CVPR 2019),
 so a small weight on a steep direction of the loss is kept where magnitude pruning would drop it.
-Gradients average ``batches`` seeded training batches (``plugins.pruning.importance``).  Config,
+The score is taken per mini-batch and averaged over ``batches`` seeded training batches
+(``plugins.pruning.importance`` says why per batch).  Config,
 per-layer density search space and masks are those of magnitude_pruning; the planner's per-family
 choice between the three unstructured techniques therefore searches the pruning criterion.
 """
@@ -24,7 +25,8 @@ class GradientPruning(UnstructuredPruning):
     name = "gradient_pruning"
     Config = GradientPruningConfig
     criterion = "taylor"
-    description = "Unstructured first-order Taylor |w*grad| pruning, per-layer sparsity searched; masks kept."
+    requires = frozenset({"training_data"})  # the gradients are of the task loss on training batches
+    description = "Unstructured first-order Taylor mean|w*grad| pruning, per-layer sparsity searched; masks kept."
 
 
 @hookimpl

@@ -3,19 +3,23 @@
 Three per-weight criteria, each a tensor shaped like the Conv/Linear weight it scores:
 
 - ``magnitude``: |w|.  Needs no data.
-- ``taylor``: |w * g|, the first-order Taylor estimate of the loss change when w is set to zero
-  (Molchanov et al., CVPR 2019).  ``g`` is the gradient of the task cross-entropy averaged over the
-  scored batches, i.e. the gradient of the loss on all scored samples.
+- ``taylor``: mean_b |w * g_b|, the first-order Taylor estimate of the loss change when w is set
+  to zero, taken on each mini-batch and averaged over batches (Molchanov et al., CVPR 2019, who
+  also average their per-batch scores).  Taking |.| per batch matters: at a converged teacher the
+  mean gradient is near zero and mostly noise, and |w * mean_b g_b| cancels signs across batches
+  (on the embedded LeNet-5, 50 % pruned with 8 batches, no fine-tuning: 0.55 accuracy against 0.96
+  with the per-batch form).
 - ``fisher``: w^2 * mean_b(g_b^2), the Optimal-Brain-Damage saliency with the Hessian diagonal
-  replaced by the diagonal empirical Fisher (LeCun et al. 1989; Theis et al. 2018).  ``g_b`` is the
-  gradient of mini-batch ``b``: squaring mini-batch rather than per-sample gradients estimates the
-  Fisher diagonal up to the factor 1/batch-size (plus the squared mean gradient), which leaves the
-  ranking *within* a layer, all that per-layer pruning uses, unchanged in expectation while costing
-  one backward pass per batch instead of one per sample.
+  replaced by the diagonal empirical Fisher (LeCun et al. 1989; Theis et al. 2018).  With mu and
+  s^2 the mean and variance of a weight's per-sample gradient, the per-sample Fisher is mu^2 + s^2
+  and the squared gradient of a batch of B samples has expectation mu^2 + s^2 / B; near
+  convergence mu is small, so batch gradients rank weights like the per-sample Fisher at one
+  backward pass per batch instead of one per sample.
 
-Gradients come from ``batches`` mini-batches of ``SCORE_BATCH_SIZE`` training samples in a seeded
-shuffled order, with the model in eval mode (dropout off, batch-norm statistics frozen: the function
-being pruned is the deployed one).  ``torch.autograd.grad`` is used, so no ``.grad`` is left behind.
+``g_b`` is the gradient of the task cross-entropy on mini-batch ``b`` of ``SCORE_BATCH_SIZE``
+training samples; ``batches`` of them are taken in a seeded shuffled order, with the model in eval
+mode (dropout off, batch-norm statistics frozen: the function being pruned is the deployed one).
+``torch.autograd.grad`` is used, so no ``.grad`` is left behind.
 
 ``UnstructuredPruning`` is the technique base that magnitude_pruning, gradient_pruning and
 fisher_pruning share: same config fields, same per-layer density search space, same masks; they
@@ -50,6 +54,7 @@ class GradientStatistics:
     """Per-parameter gradient moments over the scored batches (keys: ``named_parameters`` names)."""
 
     mean: dict[str, torch.Tensor]  # mean_b g_b: the gradient of the loss on all scored samples
+    mean_abs: dict[str, torch.Tensor]  # mean_b |g_b|: what the Taylor score multiplies |w| by
     mean_square: dict[str, torch.Tensor]  # mean_b g_b^2: diagonal empirical Fisher estimate
     batches: int
 
@@ -73,12 +78,13 @@ def _scoring_mode(model: nn.Module):
 def gradient_statistics(model: nn.Module, dataset, *, batches: int = DEFAULT_BATCHES,
                         batch_size: int = SCORE_BATCH_SIZE, seed: int = 0) -> GradientStatistics:
     """Cross-entropy gradients of every parameter on the first ``batches`` batches of a seeded
-    shuffle of ``dataset``: their mean and the mean of their squares."""
+    shuffle of ``dataset``: their mean, mean absolute value and mean square."""
     if batches < 1:
         raise ConfigError(f"batches: must be >= 1, got {batches}")
     named = [(name, p) for name, p in model.named_parameters()]
     device = named[0][1].device if named else torch.device("cpu")
     total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named}
+    total_abs = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named}
     total_square = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
@@ -90,16 +96,19 @@ def gradient_statistics(model: nn.Module, dataset, *, batches: int = DEFAULT_BAT
             for (name, _), g in zip(named, grads, strict=True):
                 if g is not None:  # a parameter the forward pass does not use scores zero
                     total[name] += g.float()
+                    total_abs[name] += g.float().abs()
                     total_square[name] += g.float().square()
             seen += 1
             if seen == batches:
                 break
     return GradientStatistics(mean={k: v / seen for k, v in total.items()},
+                              mean_abs={k: v / seen for k, v in total_abs.items()},
                               mean_square={k: v / seen for k, v in total_square.items()}, batches=seen)
 
 
-def taylor_score(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return (weight.detach().float() * grad).abs()
+def taylor_score(weight: torch.Tensor, grad_abs: torch.Tensor) -> torch.Tensor:
+    """|w| * mean_b |g_b| = mean_b |w * g_b|."""
+    return (weight.detach().float() * grad_abs).abs()
 
 
 def fisher_score(weight: torch.Tensor, grad_square: torch.Tensor) -> torch.Tensor:
@@ -124,7 +133,7 @@ def importance_scores(model: nn.Module, criterion: str, dataset=None, *, layers:
     # Looked up by identity: a weight tied to another layer's is listed once, under the first name.
     param_name = {id(p): n for n, p in model.named_parameters()}
     if criterion == "taylor":
-        return {name: taylor_score(modules[name].weight, stats.mean[param_name[id(modules[name].weight)]])
+        return {name: taylor_score(modules[name].weight, stats.mean_abs[param_name[id(modules[name].weight)]])
                 for name in names}
     return {name: fisher_score(modules[name].weight, stats.mean_square[param_name[id(modules[name].weight)]])
             for name in names}

@@ -1,10 +1,11 @@
 """Structured pruning: remove whole output channels / neurons, so the network gets smaller and faster.
 
-Every Conv/Linear except the classifier keeps ``round(C * (1 - channel_sparsity))`` of its ``C``
-output channels (at least one), chosen by a searched criterion:
+Every Conv/Linear except the output layer (the last one registered, as in parameter_distillation)
+keeps ``round(C * (1 - channel_sparsity))`` of its ``C`` output channels (at least one), chosen by
+a searched criterion:
 
 - ``magnitude``: L1 norm of the channel's weights (``tp.importance.MagnitudeImportance(p=1)``);
-- ``taylor``: sum of |w * g| over the channel (``tp.importance.TaylorImportance``);
+- ``taylor``: sum over the channel of mean_b |w * g_b| (``tp.importance.TaylorImportance``);
 - ``fisher``: sum of w^2 * E[g^2] over the channel, OBD with the empirical Fisher diagonal
   (``tp.importance.HessianImportance``).
 
@@ -12,10 +13,11 @@ Torch-Pruning's dependency graph couples each channel with the input slices of t
 consume it (through pooling, flatten, batch norm, residual adds) and scores the channel on the
 whole group.  The gradients for ``taylor`` / ``fisher`` are the ones unstructured pruning uses
 (``plugins.pruning.importance.gradient_statistics``: ``batches`` seeded training batches of 64),
-written into ``.grad`` before ``pruner.step()`` and cleared after.  We accumulate the squared
-gradients ourselves rather than through ``HessianImportance.accumulate_grad``: in torch-pruning
-1.6.1 that method tests ``name in`` a dict keyed by parameter, so every call overwrites the sum
-and only the last gradient counts.
+written into ``.grad`` before ``pruner.step()`` and cleared after: mean_b |g_b| for taylor (so
+Torch-Pruning's |w * grad| is the per-batch-averaged Taylor score), mean_b g_b^2 for fisher.
+We accumulate the squared gradients ourselves rather than through
+``HessianImportance.accumulate_grad``: in torch-pruning 1.6.1 that method tests ``name in`` a
+dict keyed by parameter, so every call overwrites the sum and only the last gradient counts.
 
 The channel counts kept are computed here and handed to Torch-Pruning per layer
 (``pruning_ratio_dict``): its own ``int(C * (1 - ratio))`` truncates float noise (C=20, ratio
@@ -69,7 +71,7 @@ def _importance(tp, model: nn.Module, config: StructuredPruningConfig, ctx: Tech
     if config.criterion == "magnitude":
         return tp.importance.MagnitudeImportance(p=1)
     stats = gradient_statistics(model, ctx.task.split("train"), batches=config.batches, seed=ctx.seed)
-    source = stats.mean if config.criterion == "taylor" else stats.mean_square
+    source = stats.mean_abs if config.criterion == "taylor" else stats.mean_square
     for name, p in model.named_parameters():
         p.grad = source[name].to(p.dtype)
     return tp.importance.TaylorImportance() if config.criterion == "taylor" else tp.importance.HessianImportance()
@@ -92,6 +94,9 @@ class StructuredPruning(Technique):
     stage = Stage.PRUNING
     Config = StructuredPruningConfig
     needs_recovery = True
+    # taylor / fisher score channels on training batches (and removing channels is not worth it
+    # without the recovery training that brings the accuracy back).
+    requires = frozenset({"training_data"})
     description = ("Removes whole channels/neurons (Torch-Pruning), criterion magnitude/taylor/fisher and "
                    "channel sparsity searched: smaller and faster.")
     # Earlier stages (student init) leave plain Conv/Linear layers, which Torch-Pruning handles;
@@ -127,7 +132,9 @@ class StructuredPruning(Technique):
                 importance = _importance(tp, model, config, ctx)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # Torch-Pruning warns about unwrapped params it skips
-                    pruner = tp.pruner.BasePruner(model, ctx.task.example_inputs(), importance=importance,
+                    device = next(model.parameters()).device
+                    example = tuple(x.to(device) for x in ctx.task.example_inputs())
+                    pruner = tp.pruner.BasePruner(model, example, importance=importance,
                                                   pruning_ratio=0.0, pruning_ratio_dict=ratios,
                                                   ignored_layers=[output])
                     pruner.step()
@@ -136,8 +143,9 @@ class StructuredPruning(Technique):
                     p.grad = None
             _check_resizable(before, model)
             for name, layer in weight_layers(model).items():
-                if layer is not output and before[f"{name}.weight"][0] == layer.weight.shape[0] \
-                        and kept_channels(layer.weight.shape[0], config.channel_sparsity) < layer.weight.shape[0]:
+                channels = before[f"{name}.weight"][0]
+                unpruned = layer.weight.shape[0] == channels > kept_channels(channels, config.channel_sparsity)
+                if layer is not output and unpruned:
                     ctx.note(f"structured_pruning: Torch-Pruning left {name!r} whole "
                              "(its channels could not be removed with their dependencies)")
         ctx.structure["shapes"] = layer_shapes(model)
