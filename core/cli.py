@@ -27,7 +27,7 @@ examples:
 """
 
 SEARCH_KEYS = {"trials", "timeout", "seed", "study", "storage", "out", "techniques", "device",
-               "disable_plugins", "strict_plugins",
+               "disable_plugins", "strict_plugins", "workers", "trial_timeout", "trial_memory_limit",
                "tracking_uri", "tracking", "experiment", "registered_model", "latency_threads",
                "latency_repeats", "latency_batch_size"}
 BUDGET_KEYS = {"max_size", "max_latency", "min_accuracy", "max_accuracy_drop"}
@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage", help="Optuna storage URL (default: sqlite file OUT/optuna.db)")
     run.add_argument("--out", type=Path, help="output directory (default slimforge-out)")
     run.add_argument("--device", help="cpu (default) or cuda: where training and timing happen")
+    run.add_argument("--workers", type=int, help="trials at once, each in a worker process (default 1: in this process)")
+    run.add_argument("--trial-timeout", type=float, help="seconds after which a trial is killed and recorded as "
+                                                         "failed (runs trials in a worker process)")
+    run.add_argument("--trial-memory-limit", help="extra memory a trial may allocate, e.g. 4GB; beyond it the trial "
+                                                  "fails with out-of-memory (runs trials in a worker process)")
     run.add_argument("--latency-threads", type=int, help="CPU threads while timing (default 1)")
     run.add_argument("--latency-repeats", type=int, help="timed repeats after warm-up (default 100)")
     run.add_argument("--latency-batch-size", type=int, help="batch size timed (default 1)")
@@ -111,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _search_settings(args, file_search: dict):
     from slimforge.core.measure import LatencySettings
+    from slimforge.search.budgets import parse_size
     from slimforge.search.engine import SearchSettings
 
     for key in file_search:
@@ -132,7 +138,10 @@ def _search_settings(args, file_search: dict):
               "disabled_plugins": disabled, "strict_plugins": merged.get("strict_plugins"),
               "tracking_uri": merged.get("tracking_uri"), "tracking": merged.get("tracking"),
               "experiment": merged.get("experiment"), "registered_model": merged.get("registered_model"),
-              "progress": not args.no_progress, "latency": latency}
+              "progress": not args.no_progress, "latency": latency, "workers": merged.get("workers"),
+              "trial_timeout_s": merged.get("trial_timeout"),
+              "trial_memory_limit": (parse_size(merged["trial_memory_limit"], "--trial-memory-limit")
+                                     if merged.get("trial_memory_limit") is not None else None)}
     return SearchSettings(**{k: v for k, v in kwargs.items() if v is not None})
 
 

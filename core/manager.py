@@ -1,7 +1,8 @@
 """The plugin manager: the only place that calls ``pm.hook.*``.
 
 Built-in plugins are registered from ``slimforge.plugins.BUILTIN_PLUGINS``; third-party plugins
-from the ``slimforge`` entry-point group (``SLIMFORGE_DISABLE_PLUGIN_AUTOLOAD=1`` turns that off).
+from the ``slimforge`` entry-point group (``SLIMFORGE_DISABLE_PLUGIN_AUTOLOAD=1`` turns that off)
+and from the modules named in ``SLIMFORGE_PLUGINS`` (comma-separated).
 The core measurement defaults are registered first and marked ``trylast`` so any plugin's
 measurement hook wins.
 """
@@ -18,7 +19,7 @@ import pluggy
 
 from slimforge.core import hookspecs
 from slimforge.core.errors import PluginError
-from slimforge.core.technique import TechniqueRegistry
+from slimforge.core.technique import TechniqueRegistry, family_name, stage_label
 
 ENTRY_POINT_GROUP = "slimforge"
 
@@ -55,6 +56,15 @@ class Plugins:
             load_entry_points = not os.environ.get("SLIMFORGE_DISABLE_PLUGIN_AUTOLOAD")
         if load_entry_points:
             self._load_entry_points()
+        # SLIMFORGE_PLUGINS=mod1,mod2 registers importable modules as plugins without packaging
+        # them (like pytest's -p); worker processes inherit it with the environment.
+        for module_name in filter(None, (m.strip() for m in os.environ.get("SLIMFORGE_PLUGINS", "").split(","))):
+            try:
+                self._register(importlib.import_module(module_name), module_name, f"{module_name} (SLIMFORGE_PLUGINS)")
+            except Exception as exc:
+                self._fail(module_name, f"SLIMFORGE_PLUGINS: failed to load: {type(exc).__name__}: {exc}", exc)
+                continue
+            self._entry_point_plugins.add(module_name)
         for plugin in extra_plugins:
             self._register(plugin, None, "extra")
         self.pm.hook.slimforge_addhooks.call_historic(kwargs={"pluginmanager": self.pm})
@@ -164,6 +174,6 @@ class Plugins:
         """One row per technique: name, family, stage, source package."""
         rows = []
         for cls in self.registry.classes():
-            rows.append({"technique": cls.name, "family": cls.family.value, "stage": f"{cls.stage.value} ({cls.stage.name.lower()})",
+            rows.append({"technique": cls.name, "family": family_name(cls.family), "stage": stage_label(cls.stage),
                          "source": self.registry.source_of(cls.name), "description": cls.description})
         return rows

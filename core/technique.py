@@ -27,7 +27,11 @@ REQUIREMENTS = frozenset({"teacher", "training_data", "calibration_data", "gpu"}
 
 
 class Family(str, enum.Enum):
-    """What kind of compression a technique does.  A plan holds at most one technique per family."""
+    """What kind of compression a technique does.  A plan holds at most one technique per family.
+
+    The built-in vocabulary: a third-party technique of a new kind sets ``family`` to a plain
+    string instead (``"correction"``), which is its own family; a string equal to a member's value
+    is that family (``"quantization"`` competes with the built-in quantizers)."""
 
     QUANTIZATION = "quantization"
     PRUNING = "pruning"
@@ -50,6 +54,20 @@ class Stage(enum.IntEnum):
     TRAINING = 48  # changes only how recovery trains (distillation losses); structure untouched
     RECOVERY = 50
     QUANTIZATION = 70
+
+
+def family_name(family: Family | str) -> str:
+    """``Family.PRUNING`` and ``"pruning"`` both -> ``"pruning"`` (third-party families are strings)."""
+    return family.value if isinstance(family, Family) else str(family)
+
+
+def stage_label(stage: Stage | int) -> str:
+    """``"70 (quantization)"`` for a built-in stage; a third-party stage between two built-in ones
+    (e.g. ``Stage.QUANTIZATION + 5``, a plain int) says what it runs after: ``"75 (after quantization)"``."""
+    if isinstance(stage, Stage):
+        return f"{stage.value} ({stage.name.lower()})"
+    earlier = [s for s in Stage if s < stage]
+    return f"{int(stage)} (after {max(earlier).name.lower()})" if earlier else f"{int(stage)} (first)"
 
 
 @dataclass
@@ -78,8 +96,11 @@ class Technique:
     """
 
     name: ClassVar[str]
-    family: ClassVar[Family]
-    stage: ClassVar[Stage]
+    # A ``Family`` member, or a plain string for a kind of compression the built-ins lack.
+    family: ClassVar[Family | str]
+    # A ``Stage`` member, or any int between them to run between two built-in stages (stages
+    # >= ``Stage.RECOVERY`` run after recovery training).
+    stage: ClassVar[Stage | int]
     Config: ClassVar[type]
     description: ClassVar[str] = ""
     # True when the technique leaves the model in need of recovery training (e.g. pruning).
@@ -164,6 +185,10 @@ class TechniqueRegistry:
         missing = [attr for attr in self._REQUIRED if not hasattr(cls, attr)]
         if missing:
             raise PluginError(f"technique class {cls.__qualname__} lacks {', '.join(missing)}")
+        if not (isinstance(cls.family, str) and cls.family):
+            raise PluginError(f"technique {cls.name!r}: family must be a Family or a non-empty string, got {cls.family!r}")
+        if isinstance(cls.stage, bool) or not isinstance(cls.stage, int):
+            raise PluginError(f"technique {cls.name!r}: stage must be a Stage or an int, got {cls.stage!r}")
         if not (dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen):
             raise PluginError(f"technique {cls.name!r}: Config must be a frozen dataclass")
         unknown = set(cls.requires) - REQUIREMENTS

@@ -105,7 +105,9 @@ class TechniqueConformance:
         registry = self._plugins().registry
         technique = registry.get(self.technique)
         assert technique.name == self.technique
-        assert isinstance(technique.stage, Stage)
+        # A Stage member, or a plain int between built-in stages (a third-party stage).
+        assert isinstance(technique.stage, int) and not isinstance(technique.stage, bool)
+        assert isinstance(technique.family, str) and technique.family, "a Family member or a non-empty string"
         assert technique.description, "a one-line description is shown by `slimforge plugins list`"
         for name in technique.cannot_follow | technique.cannot_precede:
             assert isinstance(name, str)

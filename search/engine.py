@@ -24,7 +24,8 @@ from slimforge.search.budgets import Budgets
 from slimforge.search.objective import TrialRunner
 from slimforge.search.pareto import pareto_front
 from slimforge.search.planner import Planner
-from slimforge.search.records import SearchResult, TrialRecord
+from slimforge.search.executor import failed_record
+from slimforge.search.records import SearchResult, TrialRecord, record_from_dict
 
 DEVICES = ("cpu", "cuda")
 
@@ -49,10 +50,17 @@ class SearchSettings:
     experiment: str = "slimforge"
     registered_model: str | None = None  # None: "<task>-compressed"
     progress: bool = True
+    workers: int = 1  # trials at once, each in its own worker process when > 1
+    trial_timeout_s: float | None = None  # kill a trial (its worker process) after this many seconds
+    trial_memory_limit: int | None = None  # bytes of extra address space a worker may use
 
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ConfigError(f"--trials: must be >= 1, got {self.trials}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers: must be >= 1, got {self.workers}")
+        if self.trial_timeout_s is not None and self.trial_timeout_s <= 0:
+            raise ConfigError(f"--trial-timeout: must be > 0 seconds, got {self.trial_timeout_s}")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ConfigError(f"--timeout: must be > 0 seconds, got {self.timeout_s}")
         if self.device.split(":")[0] not in DEVICES:
@@ -111,9 +119,9 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         backend = OptunaBackend(storage=settings.storage, study_name=settings.study, seed=settings.seed, budgets=budgets)
         plugins.configure(settings.to_dict())
         plugins.search_start(settings=settings.to_dict() | {"budgets": budgets.to_dict()}, task=task, baseline=baseline)
-        runner.history.extend(_record_from_dict(r) for r in backend.records())
+        runner.history.extend(record_from_dict(r) for r in backend.records())
         _run_trials(backend, planner, runner, plugins, task, settings)
-        records = [_record_from_dict(r) for r in backend.records()]
+        records = [record_from_dict(r) for r in backend.records()]
         pareto = pareto_front(records)
         for member in pareto:  # the only place the test split is used
             member.test_measurements = runner.measure(member.artifact_path, "test")
@@ -131,34 +139,84 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
 
 def _run_trials(backend, planner: Planner, runner: TrialRunner, plugins: Plugins, task: Task,
                 settings: SearchSettings) -> None:
+    """Ask the backend for trials, run them (here or in worker processes), tell the results."""
     from tqdm.auto import tqdm
+
+    from slimforge.search.space import OptunaSuggester
 
     done = backend.finished_count()
     remaining = max(0, settings.trials - done)
     if done:
         _log(f"study {settings.study!r}: resuming with {done} trial(s) already recorded; {remaining} to go")
-    started = time.monotonic()
+    pool = _make_pool(task, runner, settings) if remaining else None
+    started, launched = time.monotonic(), 0
+    running: dict[int, tuple[object, dict, str, float]] = {}  # number -> (trial, plan, text, started)
     best: TrialRecord | None = None
-    with tqdm(total=settings.trials, initial=done, desc="trials", unit="trial", disable=not settings.progress,
-              file=sys.stderr, dynamic_ncols=True) as bar:
-        for _ in range(remaining):
-            if settings.timeout_s is not None and time.monotonic() - started > settings.timeout_s:
-                _log(f"timeout of {settings.timeout_s:g} s reached; stopping before the next trial")
-                break
 
-            def evaluate(space, number):
-                plan = planner.sample(space, task, seed=settings.seed + number)
-                plugins.trial_start(number, plan)
-                record = runner.run(plan, number)
-                plugins.trial_end(record)
-                return record
+    def launch():
+        nonlocal launched
+        trial = backend.ask()
+        plan = planner.sample(OptunaSuggester(trial), task, seed=settings.seed + trial.number)
+        plugins.trial_start(trial.number, plan)
+        running[trial.number] = (trial, plan.to_dict(), plan.describe(), time.monotonic())
+        launched += 1
+        return trial, plan
 
-            record = backend.run_one(evaluate)
-            runner.history.append(record)
-            if record.feasible and (best is None or record.measurements.accuracy > best.measurements.accuracy):
-                best = record
-            bar.set_postfix_str(_progress_text(record, best))
-            bar.update(1)
+    try:
+        with tqdm(total=settings.trials, initial=done, desc="trials", unit="trial", disable=not settings.progress,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            while launched < remaining or running:
+                out_of_time = settings.timeout_s is not None and time.monotonic() - started > settings.timeout_s
+                if out_of_time and launched < remaining:
+                    _log(f"timeout of {settings.timeout_s:g} s reached; no new trials are started")
+                    remaining = launched
+                if pool is None:
+                    if launched == remaining:
+                        break
+                    trial, plan = launch()
+                    finished = [(trial.number, runner.run(plan, trial.number), None)]
+                else:
+                    while launched < remaining and pool.idle():
+                        trial, plan = launch()
+                        pool.submit(trial.number, plan.to_dict(), trial.number, [r.to_dict() for r in runner.history])
+                    finished = pool.poll()
+                for number, record, failure in finished:
+                    trial, plan_dict, plan_text, began = running.pop(number)
+                    if record is None:
+                        record = failed_record(number, plan_dict, plan_text, failure, time.monotonic() - began)
+                    plugins.trial_end(record)
+                    backend.tell(trial, record)
+                    runner.history.append(record)
+                    if record.feasible and (best is None or record.measurements.accuracy > best.measurements.accuracy):
+                        best = record
+                    bar.set_postfix_str(_progress_text(record, best))
+                    bar.update(1)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _make_pool(task: Task, runner: TrialRunner, settings: SearchSettings):
+    """Worker processes when asked for (--workers > 1, --trial-timeout, --trial-memory-limit);
+    None runs trials in this process."""
+    wanted = settings.workers > 1 or settings.trial_timeout_s is not None or settings.trial_memory_limit is not None
+    if not wanted:
+        return None
+    if not ({"builtin", "config"} & set(task.source)):
+        raise ConfigError("--workers/--trial-timeout/--trial-memory-limit: need a task that worker processes can "
+                          "rebuild (a built-in task or a --config file); this task was built in Python")
+    from slimforge.search.executor import ProcessPool, WorkerConfig
+
+    lock = settings.out_dir / "latency.lock"
+    runner.latency_lock = lock
+    config = WorkerConfig(task_source=task.source, budgets=dataclasses.asdict(runner.budgets),
+                          artifact_dir=str(runner.artifact_dir), device=settings.device,
+                          latency=dataclasses.asdict(settings.latency), strict_plugins=settings.strict_plugins,
+                          disabled_plugins=settings.disabled_plugins, latency_lock=str(lock),
+                          memory_limit_bytes=settings.trial_memory_limit)
+    _log(f"starting {settings.workers} worker process(es)"
+         + (f"; per-trial timeout {settings.trial_timeout_s:g} s" if settings.trial_timeout_s else ""))
+    return ProcessPool(settings.workers, config, settings.trial_timeout_s)
 
 
 def _progress_text(last: TrialRecord, best: TrialRecord | None) -> str:
@@ -167,14 +225,6 @@ def _progress_text(last: TrialRecord, best: TrialRecord | None) -> str:
         m = best.measurements
         text += f" | best feasible: acc {m.accuracy:.4f}, {m.size_bytes / 1000:.1f} KB, {m.latency_ms:.3f} ms"
     return text
-
-
-def _record_from_dict(data: dict) -> TrialRecord:
-    data = dict(data)
-    for key in ("measurements", "test_measurements"):
-        if data.get(key) is not None:
-            data[key] = Measurements(**data[key])
-    return TrialRecord(**data)
 
 
 def write_reports(result: SearchResult, out_dir: Path) -> None:

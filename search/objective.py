@@ -23,6 +23,7 @@ from slimforge.core.recovery import AppliedStep, RecoveryLog, TeacherOutputs, re
 from slimforge.core.task import Task
 from slimforge.core.technique import Stage, TechniqueContext
 from slimforge.search.budgets import Budgets
+from slimforge.search.executor import file_lock
 from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord
 
 # Entropy coding makes the final size depend slightly on the fine-tuned values; the pre-training
@@ -41,6 +42,7 @@ class TrialRunner:
     device: str = "cpu"
     latency: LatencySettings = LatencySettings()
     history: list[TrialRecord] = field(default_factory=list)  # finished trials, for early stopping
+    latency_lock: Path | None = None  # held while timing, so concurrent workers never time at once
 
     def __post_init__(self) -> None:
         # Teacher logits on the training split, computed on first use and shared by all trials.
@@ -154,8 +156,9 @@ class TrialRunner:
         loaded = load_model(artifact, self.plugins.registry)
         device = self._device_for(loaded.model)
         accuracy = evaluate(loaded.model.to(device), self.task.split(split), self.task.metric, device=device)
-        stats = self.plugins.measure_latency(loaded.model, self.task.example_inputs(self.latency.batch_size),
-                                             device, self.latency)
+        with file_lock(self.latency_lock):
+            stats = self.plugins.measure_latency(loaded.model, self.task.example_inputs(self.latency.batch_size),
+                                                 device, self.latency)
         return Measurements(accuracy=accuracy, size_bytes=self.plugins.measure_size(artifact),
                             latency_ms=stats.median_ms, latency_p90_ms=stats.p90_ms, split=split)
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from slimforge.core.errors import ConfigError
 from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.task import Task
-from slimforge.core.technique import Technique, TechniqueRegistry
+from slimforge.core.technique import Technique, TechniqueRegistry, family_name
 from slimforge.search.space import Suggester, scoped
 
 RECOVERY_EPOCHS = (1, 3)
@@ -47,7 +47,7 @@ class Planner:
                 raise ConfigError("techniques: none of the enabled techniques can run here")
         self.by_family: dict[str, list[Technique]] = {}
         for technique in sorted(self.techniques, key=lambda t: (t.stage, t.name)):
-            self.by_family.setdefault(technique.family.value, []).append(technique)
+            self.by_family.setdefault(family_name(technique.family), []).append(technique)
 
     def sample(self, space: Suggester, task: Task, seed: int) -> Plan:
         chosen: list[Technique] = []

@@ -69,3 +69,12 @@ class SearchResult:
             "pareto": [r.to_dict() for r in self.pareto],
             "links": self.links,
         }
+
+
+def record_from_dict(data: dict[str, Any]) -> TrialRecord:
+    """Inverse of ``TrialRecord.to_dict`` (records cross process boundaries and storage as JSON)."""
+    data = dict(data)
+    for key in ("measurements", "test_measurements"):
+        if data.get(key) is not None:
+            data[key] = Measurements(**data[key])
+    return TrialRecord(**data)

@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Callable
 
 from slimforge.core.errors import MissingDependencyError
 from slimforge.search.budgets import Budgets
-from slimforge.search.records import COMPLETE, REJECTED, TrialRecord
-from slimforge.search.space import OptunaSuggester, Suggester
+from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord
 
 try:
     import optuna
@@ -28,7 +26,10 @@ RECORD_ATTR = "slimforge_record"
 
 
 class OptunaBackend:
-    def __init__(self, *, storage: str, study_name: str, seed: int, budgets: Budgets, n_startup_trials: int = 8):
+    def __init__(self, *, storage: str, study_name: str, seed: int, budgets: Budgets, n_startup_trials: int = 8,
+                 close_interrupted: bool = True):
+        """``close_interrupted``: mark trials left RUNNING as failed.  A worker joining a study that
+        other workers are running passes False: their trials are running, not interrupted."""
         optuna.logging.set_verbosity(logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self.budgets = budgets
@@ -44,12 +45,17 @@ class OptunaBackend:
             # would re-draw the plans of its first (random start-up) trials.  Offsetting the seed
             # by the trials already recorded continues the search and stays reproducible.
             self.study.sampler = sampler(seed + recorded)
-        self._close_interrupted_trials()
+        if close_interrupted:
+            self._close_interrupted_trials()
 
     def _close_interrupted_trials(self) -> None:
         """A trial left RUNNING by a killed search never finishes: mark it failed on resume."""
+        reason = "interrupted (the search was stopped while this trial ran)"
         for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            self.study._storage.set_trial_user_attr(trial._trial_id, "failure_reason", "interrupted (search was stopped)")
+            record = TrialRecord(number=trial.number, state=FAILED, plan={}, plan_text="(unknown: interrupted)",
+                                 failure_reason=reason)
+            self.study._storage.set_trial_user_attr(trial._trial_id, RECORD_ATTR, json.dumps(record.to_dict()))
+            self.study._storage.set_trial_user_attr(trial._trial_id, "failure_reason", reason)
             self.study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
 
     def finished_count(self) -> int:
@@ -60,20 +66,22 @@ class OptunaBackend:
         return [json.loads(t.user_attrs[RECORD_ATTR]) for t in self.study.get_trials(deepcopy=False)
                 if RECORD_ATTR in t.user_attrs]
 
-    def run_one(self, evaluate: Callable[[Suggester, int], TrialRecord]) -> TrialRecord:
-        trial = self.study.ask()
-        record = evaluate(OptunaSuggester(trial), trial.number)
-        trial.set_user_attr(RECORD_ATTR, json.dumps(record.to_dict()))
-        if record.state == COMPLETE:
+    def ask(self):
+        return self.study.ask()
+
+    def tell(self, trial, record: TrialRecord) -> None:
+        """Store the record with the trial and tell the sampler: values and constraints for a
+        complete trial, the size violation for a rejected one (PRUNED), FAIL otherwise."""
+        storage, trial_id = self.study._storage, trial._trial_id
+        storage.set_trial_user_attr(trial_id, RECORD_ATTR, json.dumps(record.to_dict()))
+        if record.state in (COMPLETE, REJECTED):
             for key, value in self.budgets.normalized(record.violations).items():
                 trial.set_constraint(key, value)
+        if record.state == COMPLETE:
             m = record.measurements
             self.study.tell(trial, [m.accuracy, m.size_bytes, m.latency_ms])
         elif record.state == REJECTED:
-            for key, value in self.budgets.normalized(record.violations).items():
-                trial.set_constraint(key, value)
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
-            trial.set_user_attr("failure_reason", record.failure_reason or "unknown")
+            storage.set_trial_user_attr(trial_id, "failure_reason", record.failure_reason or "unknown")
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return record

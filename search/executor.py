@@ -1,0 +1,173 @@
+"""Where trials run: in this process, or in a pool of worker processes.
+
+Worker processes give what one process cannot: ``--workers N`` trials at once, a per-trial
+``--trial-timeout`` (a hung trial's worker is killed), and isolation (a trial that exhausts
+memory or crashes the interpreter takes down only its worker, which is restarted).  Workers are
+spawned once and rebuild the task from ``Task.source`` (built-in name or config file), so nothing
+is pickled but plans and records.  The parent keeps the study, the planner and the trackers: one
+writer, so sqlite storage is safe.
+
+Latency is timed under an exclusive file lock, so two workers never time at once; training in
+another worker can still share the CPU, so for the most stable CPU numbers use one worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimforge.search.records import FAILED, TrialRecord
+
+
+@contextlib.contextmanager
+def file_lock(path: Path | None):
+    """Exclusive lock across processes (a no-op without a path)."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs to build its own TrialRunner (plain data: it crosses a pipe)."""
+
+    task_source: dict[str, Any]
+    budgets: dict[str, Any]
+    artifact_dir: str
+    device: str
+    latency: dict[str, Any]
+    strict_plugins: bool
+    disabled_plugins: tuple[str, ...]
+    latency_lock: str | None
+    memory_limit_bytes: int | None
+
+
+def _worker_main(conn, config: WorkerConfig) -> None:
+    import resource
+
+    from slimforge.core.manager import Plugins
+    from slimforge.core.measure import LatencySettings
+    from slimforge.core.plan import Plan
+    from slimforge.core.task import task_from_source
+    from slimforge.search.budgets import Budgets
+    from slimforge.search.objective import TrialRunner
+    from slimforge.search.records import record_from_dict
+
+    import torch
+
+    torch.set_num_threads(1)  # N workers on N cores: oversubscribed threads slow training 30x here
+    task = task_from_source(config.task_source)
+    _ = task.teacher
+    runner = TrialRunner(task=task, plugins=Plugins(strict=config.strict_plugins, disabled=config.disabled_plugins),
+                         budgets=Budgets(**config.budgets), artifact_dir=Path(config.artifact_dir),
+                         device=config.device, latency=LatencySettings(**config.latency),
+                         latency_lock=Path(config.latency_lock) if config.latency_lock else None)
+    if config.memory_limit_bytes:
+        # Set after the imports: the CUDA build of torch maps large virtual ranges at import.
+        soft = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + config.memory_limit_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (soft, soft))
+    conn.send(("ready", None))
+    while True:
+        message = conn.recv()
+        if message is None:
+            return
+        plan, number, history = message
+        runner.history = [record_from_dict(r) for r in history]
+        record = runner.run(Plan.from_dict(plan), number)
+        conn.send(("record", record.to_dict()))
+
+
+class _Worker:
+    def __init__(self, context, config: WorkerConfig):
+        self.parent, child = context.Pipe()
+        self.process = context.Process(target=_worker_main, args=(child, config), daemon=True)
+        self.process.start()
+        child.close()
+        self.job: tuple[Any, int, float] | None = None  # (handle, number, started)
+        self.ready = False
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.process.kill()
+        else:
+            with contextlib.suppress(OSError):
+                self.parent.send(None)
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+class ProcessPool:
+    """N spawned workers; ``submit`` a plan, ``poll`` for finished (handle, record) pairs."""
+
+    def __init__(self, workers: int, config: WorkerConfig, trial_timeout_s: float | None):
+        self.context = mp.get_context("spawn")  # fork after torch/OpenMP start-up can deadlock
+        self.config, self.trial_timeout_s = config, trial_timeout_s
+        self.workers = [_Worker(self.context, config) for _ in range(workers)]
+
+    def idle(self) -> int:
+        return sum(w.job is None for w in self.workers)
+
+    def busy(self) -> int:
+        return len(self.workers) - self.idle()
+
+    def submit(self, handle: Any, plan: dict, number: int, history: list[dict]) -> None:
+        worker = next(w for w in self.workers if w.job is None)
+        worker.job = (handle, number, time.monotonic())
+        worker.parent.send((plan, number, history))
+
+    def poll(self, wait_s: float = 0.2) -> list[tuple[Any, TrialRecord | None, str | None]]:
+        """Finished jobs as (handle, record or None, failure reason or None)."""
+        done = []
+        time.sleep(wait_s)
+        for index, worker in enumerate(self.workers):
+            while worker.parent.poll():
+                try:
+                    kind, payload = worker.parent.recv()
+                except EOFError:
+                    break
+                if kind == "ready":
+                    worker.ready = True
+                    if worker.job is not None:  # the timeout counts trial time, not worker start-up
+                        worker.job = (worker.job[0], worker.job[1], time.monotonic())
+                elif kind == "record" and worker.job is not None:
+                    from slimforge.search.records import record_from_dict
+
+                    done.append((worker.job[0], record_from_dict(payload), None))
+                    worker.job = None
+            if worker.job is None:
+                continue
+            handle, number, started = worker.job
+            reason = None
+            if not worker.process.is_alive():
+                code = worker.process.exitcode
+                reason = (f"worker process died (exit code {code}"
+                          + (", killed by the OS: out of memory?" if code in (-9, 137) else "") + ")")
+            elif (worker.ready and self.trial_timeout_s is not None
+                  and time.monotonic() - started > self.trial_timeout_s):
+                reason = f"trial exceeded --trial-timeout {self.trial_timeout_s:g} s; its worker was killed"
+            if reason:
+                worker.stop(kill=True)
+                self.workers[index] = _Worker(self.context, self.config)
+                done.append((handle, None, reason))
+        return done
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop(kill=worker.job is not None)
+
+
+def failed_record(number: int, plan: dict, plan_text: str, reason: str, seconds: float) -> TrialRecord:
+    return TrialRecord(number=number, state=FAILED, plan=plan, plan_text=plan_text, failure_reason=reason,
+                       duration_s=seconds)
