@@ -46,9 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Sample compression plans with Optuna, apply, fine-tune, save, and measure the "
                                         "saved artifact. Prints the Pareto table; writes OUT/summary.json.")
     task = search.add_argument_group("task")
-    task.add_argument("--task", default=None, help="built-in task name (default: mnist-lenet5, offline)")
+    task.add_argument("--task", default=None, help="built-in task: mnist-lenet5 (default, offline), mnist-lenet300, "
+                                                   "or torchvision:MODEL:DATASET (resnet18|mobilenet_v3_small, "
+                                                   "mnist|fashionmnist|cifar10|fakedata)")
     task.add_argument("--config", type=Path, help="TOML file with [task] (module:function factories), "
                                                   "[budgets] and [search] tables; flags override it")
+    task.add_argument("--data-dir", help="torchvision presets: folder holding the dataset (default ./data)")
+    task.add_argument("--download", action="store_true", default=None,
+                      help="torchvision presets: download the dataset if missing (needs network)")
+    task.add_argument("--teacher-epochs", type=int, help="torchvision presets: epochs to train the teacher on first use")
     task.add_argument("--cache-dir", help="where the embedded task caches its trained teacher "
                                           "(default: $SLIMFORGE_CACHE_DIR or ~/.cache/slimforge)")
     budgets = search.add_argument_group("budgets (hard constraints the sampler sees)")
@@ -145,6 +151,14 @@ def _search_settings(args, file_search: dict):
     return SearchSettings(**{k: v for k, v in kwargs.items() if v is not None})
 
 
+def _task_kwargs(args) -> dict:
+    """Keyword arguments for a built-in task factory, from the flags that apply to it."""
+    if args.task and args.task.startswith("torchvision:"):
+        return {k: v for k, v in {"data_dir": args.data_dir, "download": args.download,
+                                  "teacher_epochs": args.teacher_epochs, "device": args.device}.items() if v is not None}
+    return {"cache": args.cache_dir} if args.cache_dir else {}
+
+
 def _name_list(value) -> tuple[str, ...]:
     """``"a, b"`` or ``["a", "b"]`` -> ``("a", "b")``."""
     if value is None:
@@ -174,7 +188,7 @@ def cmd_search(args) -> int:
             raise ConfigError("--task and a [task] table in --config both name a task; keep one")
         task = task_from_table(file_config["task"], base_dir=args.config.resolve().parent, origin=str(args.config))
     else:
-        task = load_task(args.task, **({"cache": args.cache_dir} if args.cache_dir else {}))
+        task = load_task(args.task, **_task_kwargs(args))
     print(f"task {task.name}; budgets: {budgets.describe()}; {settings.trials} trials", file=sys.stderr)
     result = run_search(task, budgets, settings)
     print(format_result(result))

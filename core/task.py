@@ -147,10 +147,14 @@ def load_task(spec: str | Path | None = None, **builtin_kwargs: Any) -> Task:
     spec = str(spec)
     if spec in builtins:
         return builtins[spec](**builtin_kwargs)
+    if spec.startswith("torchvision:"):
+        from slimforge.core.presets import parse_preset
+
+        return parse_preset(spec, **builtin_kwargs)
     path = Path(spec)
     if path.suffix == ".toml" or path.exists():
         return task_from_config(path)
-    raise UnknownNameError("task", spec, [*builtins, "<path to a task .toml>"])
+    raise UnknownNameError("task", spec, [*builtins, "torchvision:MODEL:DATASET", "<path to a task .toml>"])
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -221,6 +225,10 @@ def _checked_metric(metric: Callable[[Any, Any], float]) -> Callable[[Any, Any],
 
 def task_from_source(source: dict[str, Any]) -> Task:
     """Rebuild a task from ``Task.source`` as recorded in an artifact header."""
+    if source.get("builtin") == "torchvision":
+        from slimforge.core.presets import torchvision_task
+
+        return torchvision_task(**source["kwargs"])
     if "builtin" in source:
         return load_task(source["builtin"], **source.get("kwargs", {}))
     if "config" in source:

@@ -94,26 +94,32 @@ def packed_size(count: int, bits: int) -> int:
 RESIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """Weight shape of every resizable layer (JSON-friendly), for ``ctx.structure``."""
-    return {name: list(m.weight.shape) for name, m in model.named_modules()
-            if type(m) in RESIZABLE and getattr(m, "weight", None) is not None}
+def layer_shapes(model: nn.Module) -> dict[str, list[int] | dict]:
+    """Weight shape of every resizable layer (JSON-friendly), for ``ctx.structure``.  Grouped
+    convolutions (e.g. depthwise) also record their group count, which pruning changes."""
+    shapes: dict[str, list[int] | dict] = {}
+    for name, m in model.named_modules():
+        if type(m) in RESIZABLE and getattr(m, "weight", None) is not None:
+            groups = getattr(m, "groups", 1)
+            shapes[name] = list(m.weight.shape) if groups == 1 else {"weight": list(m.weight.shape), "groups": groups}
+    return shapes
 
 
 def resize_layers(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
     """Replace each named layer by a fresh one of the recorded weight shape (values come later,
     from the artifact).  Only the channel counts change; every other hyperparameter is kept."""
     modules = dict(model.named_modules())
-    for name, shape in shapes.items():
+    for name, recorded in shapes.items():
         old = modules[name]
-        if list(old.weight.shape) == list(shape):
+        shape, groups = (recorded["weight"], recorded["groups"]) if isinstance(recorded, dict) else (recorded, 1)
+        if list(old.weight.shape) == list(shape) and getattr(old, "groups", 1) == groups:
             continue
         has_bias = getattr(old, "bias", None) is not None
         if isinstance(old, nn.Linear):
             new = nn.Linear(shape[1], shape[0], bias=has_bias)
         elif isinstance(old, (nn.Conv1d, nn.Conv2d)):
-            new = type(old)(shape[1] * old.groups, shape[0], old.kernel_size, stride=old.stride, padding=old.padding,
-                            dilation=old.dilation, groups=old.groups, bias=has_bias, padding_mode=old.padding_mode)
+            new = type(old)(shape[1] * groups, shape[0], old.kernel_size, stride=old.stride, padding=old.padding,
+                            dilation=old.dilation, groups=groups, bias=has_bias, padding_mode=old.padding_mode)
         else:  # BatchNorm
             new = type(old)(shape[0], eps=old.eps, momentum=old.momentum, affine=old.affine,
                             track_running_stats=old.track_running_stats)
