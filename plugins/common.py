@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimforge.core.technique import TechniqueContext
+from slimforge.core.technique import Technique, TechniqueContext
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -49,6 +49,16 @@ def reapply_masks(model: nn.Module, ctx: TechniqueContext) -> None:
             weight = getattr(modules.get(name), "weight", None)
             if isinstance(weight, nn.Parameter) and weight.shape == mask.shape:
                 _zero_masked(weight, mask)
+
+
+class MaskedTechnique(Technique):
+    """Base for techniques whose constraint is a fixed mask (pruning, random and N:M sparsity):
+    ``apply`` calls ``apply_masks``; recovery training re-imposes the masks after every step."""
+
+    needs_recovery = True
+
+    def after_optimizer_step(self, model: nn.Module, config, ctx: TechniqueContext) -> None:
+        reapply_masks(model, ctx)
 
 
 def keep_top(scores: torch.Tensor, fraction_zero: float) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Parameter distillation: a smaller student initialised from the teacher's own parameters.
 
-Width: every Conv/Linear keeps the fraction ``width`` of its output channels / neurons with the
-largest L1 norm, and the kept weights (and the matching input slices of the layers that consume
+Width: every Conv/Linear keeps round(C * width) of its C output channels / neurons, those with the
+largest L1 norm (scored on each channel's coupled group), and the kept weights (and the matching input slices of the layers that consume
 them) are copied from the teacher.  Torch-Pruning's dependency graph does the bookkeeping (which
 inputs of the next layer, through pooling and flatten, belong to a removed channel), so the student
 is a genuinely smaller dense network: fewer bytes *and* fewer FLOPs, measurably faster.  The
@@ -14,15 +14,15 @@ Depth (dropping whole blocks) needs repeated same-shape blocks; for architecture
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 from torch import nn
 
-from slimforge.core.errors import ConfigError, MissingDependencyError
+from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import layer_shapes, resize_layers, weight_layers
+from slimforge.plugins.common import resize_layers
+from slimforge.plugins.pruning.structured import StructuredPruningConfig, prune_channels
 
 WIDTH_RANGE = (0.05, 0.75)
 
@@ -34,11 +34,6 @@ class ParameterDistillationConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.width <= 1.0:
             raise ConfigError(f"parameter_distillation.width: must be in (0, 1], got {self.width}")
-
-
-def _output_layer(model: nn.Module) -> nn.Module:
-    layers = list(weight_layers(model).values())
-    return layers[-1]
 
 
 class ParameterDistillation(Technique):
@@ -53,19 +48,11 @@ class ParameterDistillation(Technique):
         return ParameterDistillationConfig(width=round(space.suggest_float("width", *WIDTH_RANGE, log=True), 3))
 
     def apply(self, model: nn.Module, config: ParameterDistillationConfig, ctx: TechniqueContext) -> nn.Module:
-        try:
-            import torch_pruning as tp
-        except ImportError as exc:  # pragma: no cover - a core dependency
-            raise MissingDependencyError("torch-pruning", "parameter distillation") from exc
-        if config.width < 1.0:
-            example = ctx.task.example_inputs()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                pruner = tp.pruner.BasePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                              pruning_ratio=1.0 - config.width, ignored_layers=[_output_layer(model)])
-                pruner.step()
+        # The student is built exactly as structured pruning removes channels (same rounding, same
+        # dependency handling); only the intent and the search range differ.
+        channels = StructuredPruningConfig(channel_sparsity=round(1.0 - config.width, 6), criterion="magnitude")
+        model = prune_channels(model, channels, ctx, owner=self.name)
         ctx.note("parameter_distillation: width reduced only; this architecture has no repeated blocks to drop")
-        ctx.structure["shapes"] = layer_shapes(model)
         return model
 
     def restore_structure(self, model, config, example_inputs, structure) -> nn.Module:

@@ -37,8 +37,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from slimforge.core.errors import ConfigError
-from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import apply_masks, keep_top, reapply_masks, weight_layers
+from slimforge.core.technique import Family, Stage, TechniqueContext
+from slimforge.plugins.common import MaskedTechnique, apply_masks, keep_top, weight_layers
 
 CRITERIA = ("magnitude", "taylor", "fisher")
 SCORE_BATCH_SIZE = 64
@@ -166,7 +166,7 @@ class GradientScoredConfig(UnstructuredPruningConfig):
             raise ConfigError(f"{self.technique}.batches: must be an integer >= 1, got {self.batches!r}")
 
 
-class UnstructuredPruning(Technique):
+class UnstructuredPruning(MaskedTechnique):
     """Zero the lowest-``criterion`` fraction of each Conv/Linear weight; masks kept in training.
 
     Subclasses set ``name``, ``Config``, ``description`` and ``criterion``."""
@@ -193,6 +193,3 @@ class UnstructuredPruning(Technique):
                                        batches=getattr(config, "batches", DEFAULT_BATCHES), seed=ctx.seed)
         apply_masks(model, {name: keep_top(scores[name], config.sparsity_of(name)) for name in pruned}, ctx)
         return model
-
-    def after_optimizer_step(self, model: nn.Module, config, ctx: TechniqueContext) -> None:
-        reapply_masks(model, ctx)

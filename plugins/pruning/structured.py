@@ -88,6 +88,52 @@ def _check_resizable(before: dict, model: nn.Module) -> None:
                                   f"{type(owner).__name__}, which the artifact cannot rebuild")
 
 
+def prune_channels(model: nn.Module, config: StructuredPruningConfig, ctx: TechniqueContext,
+                   owner: str = "structured_pruning") -> nn.Module:
+    """Remove channels as ``config`` says and record the new shapes in ``ctx.structure``.
+    Shared with parameter distillation, which builds its student the same way."""
+    try:
+        import torch_pruning as tp
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise MissingDependencyError("torch-pruning", "structured pruning") from exc
+    layers = weight_layers(model)
+    if not layers:
+        ctx.note(f"{owner}: no Conv/Linear layer to prune; model left unchanged")
+    elif config.channel_sparsity > 0:
+        output_name, output = list(layers.items())[-1]
+        ctx.note(f"{owner}: {output_name!r} keeps all outputs (the model's output layer)")
+        before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        ratios = {}
+        for name, layer in layers.items():
+            if layer is not output:
+                channels = layer.weight.shape[0]
+                kept = kept_channels(channels, config.channel_sparsity)
+                # Torch-Pruning keeps int(C * (1 - ratio)): aim half a channel above ``kept``.
+                ratios[layer] = max(0.0, 1.0 - (kept + 0.5) / channels)
+        try:
+            importance = _importance(tp, model, config, ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Torch-Pruning warns about unwrapped params it skips
+                device = next(model.parameters()).device
+                example = tuple(x.to(device) for x in ctx.task.example_inputs())
+                pruner = tp.pruner.BasePruner(model, example, importance=importance,
+                                              pruning_ratio=0.0, pruning_ratio_dict=ratios,
+                                              ignored_layers=[output])
+                pruner.step()
+        finally:
+            for p in model.parameters():
+                p.grad = None
+        _check_resizable(before, model)
+        for name, layer in weight_layers(model).items():
+            channels = before[f"{name}.weight"][0]
+            unpruned = layer.weight.shape[0] == channels > kept_channels(channels, config.channel_sparsity)
+            if layer is not output and unpruned:
+                ctx.note(f"{owner}: Torch-Pruning left {name!r} whole "
+                         "(its channels could not be removed with their dependencies)")
+    ctx.structure["shapes"] = layer_shapes(model)
+    return model
+
+
 class StructuredPruning(Technique):
     name = "structured_pruning"
     family = Family.PRUNING
@@ -110,46 +156,7 @@ class StructuredPruning(Technique):
                                                        step=CHANNEL_SPARSITY_STEP), 3))
 
     def apply(self, model: nn.Module, config: StructuredPruningConfig, ctx: TechniqueContext) -> nn.Module:
-        try:
-            import torch_pruning as tp
-        except ImportError as exc:  # pragma: no cover - a core dependency
-            raise MissingDependencyError("torch-pruning", "structured pruning") from exc
-        layers = weight_layers(model)
-        if not layers:
-            ctx.note("structured_pruning: no Conv/Linear layer to prune; model left unchanged")
-        elif config.channel_sparsity > 0:
-            output_name, output = list(layers.items())[-1]
-            ctx.note(f"structured_pruning: {output_name!r} keeps all outputs (the model's output layer)")
-            before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-            ratios = {}
-            for name, layer in layers.items():
-                if layer is not output:
-                    channels = layer.weight.shape[0]
-                    kept = kept_channels(channels, config.channel_sparsity)
-                    # Torch-Pruning keeps int(C * (1 - ratio)): aim half a channel above ``kept``.
-                    ratios[layer] = max(0.0, 1.0 - (kept + 0.5) / channels)
-            try:
-                importance = _importance(tp, model, config, ctx)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # Torch-Pruning warns about unwrapped params it skips
-                    device = next(model.parameters()).device
-                    example = tuple(x.to(device) for x in ctx.task.example_inputs())
-                    pruner = tp.pruner.BasePruner(model, example, importance=importance,
-                                                  pruning_ratio=0.0, pruning_ratio_dict=ratios,
-                                                  ignored_layers=[output])
-                    pruner.step()
-            finally:
-                for p in model.parameters():
-                    p.grad = None
-            _check_resizable(before, model)
-            for name, layer in weight_layers(model).items():
-                channels = before[f"{name}.weight"][0]
-                unpruned = layer.weight.shape[0] == channels > kept_channels(channels, config.channel_sparsity)
-                if layer is not output and unpruned:
-                    ctx.note(f"structured_pruning: Torch-Pruning left {name!r} whole "
-                             "(its channels could not be removed with their dependencies)")
-        ctx.structure["shapes"] = layer_shapes(model)
-        return model
+        return prune_channels(model, config, ctx, owner=self.name)
 
     def restore_structure(self, model, config, example_inputs, structure) -> nn.Module:
         return resize_layers(model, structure["shapes"])

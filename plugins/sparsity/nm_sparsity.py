@@ -29,8 +29,8 @@ from torch import nn
 
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
-from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import apply_masks, reapply_masks, weight_layers
+from slimforge.core.technique import Family, Stage, TechniqueContext
+from slimforge.plugins.common import MaskedTechnique, apply_masks, weight_layers
 
 GROUP_SIZES = (4, 8, 16)
 PATTERNS = ("1:4", "2:4", "2:8", "4:8")  # searched; any valid n:m can be configured by hand
@@ -65,7 +65,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.view(rows, -1)[:, :k].reshape(weight.shape)
 
 
-class NMSparsity(Technique):
+class NMSparsity(MaskedTechnique):
     name = "nm_sparsity"
     family = Family.SPARSITY
     stage = Stage.SPARSITY
@@ -87,9 +87,6 @@ class NMSparsity(Technique):
             masks[name] = nm_mask(layer.weight, config.n, config.m)
         apply_masks(model, masks, ctx)
         return model
-
-    def after_optimizer_step(self, model: nn.Module, config, ctx: TechniqueContext) -> None:
-        reapply_masks(model, ctx)
 
 
 @hookimpl

@@ -17,8 +17,8 @@ from torch import nn
 
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
-from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import apply_masks, keep_top, reapply_masks, weight_layers
+from slimforge.core.technique import Family, Stage, TechniqueContext
+from slimforge.plugins.common import MaskedTechnique, apply_masks, keep_top, weight_layers
 
 # Same prior as magnitude_pruning, so both searches spend their trials at the same sizes.
 from slimforge.plugins.pruning.magnitude import DENSITY_RANGE
@@ -58,7 +58,7 @@ def random_mask(shape: torch.Size, sparsity: float, seed: int) -> torch.Tensor:
     return keep_top(scores, sparsity)
 
 
-class RandomSparsity(Technique):
+class RandomSparsity(MaskedTechnique):
     name = "random_sparsity"
     family = Family.SPARSITY
     stage = Stage.SPARSITY
@@ -86,9 +86,6 @@ class RandomSparsity(Technique):
                 masks[name] = random_mask(layer.weight.shape, sparsity, ctx.seed + index).to(layer.weight.device)
         apply_masks(model, masks, ctx)
         return model
-
-    def after_optimizer_step(self, model: nn.Module, config, ctx: TechniqueContext) -> None:
-        reapply_masks(model, ctx)
 
 
 @hookimpl
