@@ -205,13 +205,9 @@ def format_result(result) -> str:
              f"baseline: {result.baseline.accuracy:.4f} val / {result.baseline_test.accuracy:.4f} test, "
              f"{result.baseline.size_bytes / 1000:.1f} KB, {result.baseline.latency_ms:.3f} ms", ""]
     if not result.pareto:
-        lines.append("no trial met every budget; closest to feasibility:")
-        complete = [r for r in result.trials if r.violations]
-        complete.sort(key=lambda r: sum(max(0.0, v) for v in r.violations.values()))
-        for record in complete[:3]:
-            over = ", ".join(f"{k} over by {v:g}" for k, v in record.violations.items() if v > 0)
-            lines.append(f"  trial {record.number}: {over}  ({record.plan_text})")
-        return "\n".join(lines)
+        from slimforge.search.feasibility import describe
+
+        return "\n".join(lines + describe(result.closest_to_feasible()))
     header = f"{'trial':>5}  {'acc val':>7}  {'acc test':>8}  {'KB':>8}  {'ratio':>6}  {'ms':>7}  {'version':>7}  plan"
     lines += ["Pareto front (feasible, validation-selected):", header, "-" * len(header)]
     for r in result.pareto:

@@ -110,6 +110,9 @@ class Technique:
     # no longer plain Linear/Conv modules).
     cannot_follow: ClassVar[frozenset[str]] = frozenset()
     cannot_precede: ClassVar[frozenset[str]] = frozenset()
+    # Non-empty: the technique is only useful after one of these (e.g. bias correction after a
+    # weight quantizer); the planner never samples it without one of them earlier in the plan.
+    must_follow: ClassVar[frozenset[str]] = frozenset()
     # What the technique needs from the search, a subset of REQUIREMENTS; the planner leaves it
     # out where that is not available (e.g. "gpu" on a CPU search).
     requires: ClassVar[frozenset[str]] = frozenset()

@@ -162,3 +162,5 @@ class TechniqueConformance:
             for i, later in enumerate(classes):
                 for earlier in classes[:i]:
                     assert not later.conflicts_with(earlier), plan.describe()
+                if later.must_follow:
+                    assert any(c.name in later.must_follow for c in classes[:i]), plan.describe()

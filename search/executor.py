@@ -74,8 +74,10 @@ def _worker_main(conn, config: WorkerConfig) -> None:
                          device=config.device, latency=LatencySettings(**config.latency),
                          latency_lock=Path(config.latency_lock) if config.latency_lock else None)
     if config.memory_limit_bytes:
-        # Set after the imports: the CUDA build of torch maps large virtual ranges at import.
-        soft = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + config.memory_limit_bytes
+        # RLIMIT_AS caps *address space*, so the allowance goes on top of the address space in
+        # use now (after the imports: the CUDA build of torch maps gigabytes of virtual ranges at
+        # import), not on top of the resident size, which is several times smaller.
+        soft = _address_space_bytes() + config.memory_limit_bytes
         resource.setrlimit(resource.RLIMIT_AS, (soft, soft))
     conn.send(("ready", None))
     while True:
@@ -86,6 +88,17 @@ def _worker_main(conn, config: WorkerConfig) -> None:
         runner.history = [record_from_dict(r) for r in history]
         record = runner.run(Plan.from_dict(plan), number)
         conn.send(("record", record.to_dict()))
+
+
+def _address_space_bytes() -> int:
+    """This process's virtual address space in bytes (Linux), else its peak resident size."""
+    import resource
+
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class _Worker:

@@ -33,6 +33,18 @@ SIZE_ESTIMATE_SLACK = 0.02
 MIN_EPOCH_GAIN = 0.005
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it wraps) is an allocation failure: Python's MemoryError, or
+    torch's allocator error, which is a RuntimeError whose message says so."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @dataclass
 class TrialRunner:
     task: Task
@@ -45,11 +57,19 @@ class TrialRunner:
     latency_lock: Path | None = None  # held while timing, so concurrent workers never time at once
 
     def __post_init__(self) -> None:
-        # Teacher logits on the training split, computed on first use and shared by all trials.
-        self.teacher_outputs = TeacherOutputs(self.task.teacher, self.task.split("train"), self.device)
+        self._teacher_outputs: TeacherOutputs | None = None
+
+    @property
+    def teacher_outputs(self) -> TeacherOutputs:
+        """Teacher logits on the training split, computed on first use and shared by all trials.
+        Built lazily: measuring an artifact (``slimforge evaluate``) must not build the teacher."""
+        if self._teacher_outputs is None:
+            self._teacher_outputs = TeacherOutputs(self.task.teacher, self.task.split("train"), self.device)
+        return self._teacher_outputs
 
     def run(self, plan: Plan, number: int) -> TrialRecord:
-        record = TrialRecord(number=number, state=FAILED, plan=plan.to_dict(), plan_text=plan.describe())
+        record = TrialRecord(number=number, state=FAILED, plan=plan.to_dict(), plan_text=plan.describe(),
+                             torch_threads=torch.get_num_threads())
         started = time.perf_counter()
         try:
             self._run(plan, record)
@@ -58,6 +78,8 @@ class TrialRunner:
         except Exception as exc:  # a trial that raises fails alone; the search goes on
             record.state = FAILED
             record.failure_reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if _out_of_memory(exc):
+                record.failure_reason = f"out of memory: {record.failure_reason}"
             if not isinstance(exc, SlimforgeError):
                 record.notes.append(traceback.format_exc(limit=4))
         record.duration_s = time.perf_counter() - started

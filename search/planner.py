@@ -75,6 +75,8 @@ class Planner:
     @staticmethod
     def _conflicts(candidate: Technique, chosen: list[Technique]) -> bool:
         """True when ``candidate`` may not share a plan with the techniques already chosen."""
+        if candidate.must_follow and not any(t.name in candidate.must_follow for t in chosen):
+            return True
         for other in chosen:
             first, second = sorted((other, candidate), key=lambda t: t.stage)
             if type(second).conflicts_with(type(first)):

@@ -30,6 +30,7 @@ class TrialRecord:
     duration_s: float = 0.0
     test_measurements: Measurements | None = None  # filled for Pareto members only
     links: dict[str, Any] = field(default_factory=dict)  # e.g. mlflow_run_id, registered version
+    torch_threads: int | None = None  # CPU threads the trial trained with: float sums depend on it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +57,13 @@ class SearchResult:
         out["stopped_early"] = sum(r.stopped_early is not None for r in self.trials)
         return out
 
+    def closest_to_feasible(self) -> dict[str, Any] | None:
+        """None when a trial met every budget; otherwise the trials closest to feasibility, what
+        each violates and by how much, and which budget to relax (``search.feasibility``)."""
+        from slimforge.search.feasibility import closest_to_feasible
+
+        return closest_to_feasible(self.trials, self.budgets, self.baseline.accuracy)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "study": self.study_name,
@@ -67,6 +75,7 @@ class SearchResult:
             "counts": self.counts(),
             "trials": [r.to_dict() for r in self.trials],
             "pareto": [r.to_dict() for r in self.pareto],
+            "closest_to_feasible": self.closest_to_feasible(),
             "links": self.links,
         }
 

@@ -14,7 +14,7 @@ import warnings
 
 from slimforge.core.errors import MissingDependencyError
 from slimforge.search.budgets import Budgets
-from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord
+from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord, record_from_dict
 
 try:
     import optuna
@@ -23,13 +23,17 @@ except ImportError as exc:  # pragma: no cover - optuna is a core dependency, bu
 
 DIRECTIONS = ("maximize", "minimize", "minimize")  # accuracy, size_bytes, latency_ms
 RECORD_ATTR = "slimforge_record"
+PLAN_ATTR = "slimforge_plan"
+INTERRUPTED = "interrupted (the search was stopped while this trial ran)"
 
 
 class OptunaBackend:
     def __init__(self, *, storage: str, study_name: str, seed: int, budgets: Budgets, n_startup_trials: int = 8,
                  close_interrupted: bool = True):
-        """``close_interrupted``: mark trials left RUNNING as failed.  A worker joining a study that
-        other workers are running passes False: their trials are running, not interrupted."""
+        """``close_interrupted``: close trials a killed search left RUNNING (see ``interrupted``).
+        A worker joining a study that other workers are running passes False: their trials are
+        running, not interrupted.  ``run_search`` passes False too and closes them itself, after
+        its trackers started, so they see those trials like any other."""
         optuna.logging.set_verbosity(logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self.budgets = budgets
@@ -49,14 +53,40 @@ class OptunaBackend:
             self._close_interrupted_trials()
 
     def _close_interrupted_trials(self) -> None:
-        """A trial left RUNNING by a killed search never finishes: mark it failed on resume."""
-        reason = "interrupted (the search was stopped while this trial ran)"
-        for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            record = TrialRecord(number=trial.number, state=FAILED, plan={}, plan_text="(unknown: interrupted)",
-                                 failure_reason=reason)
-            self.study._storage.set_trial_user_attr(trial._trial_id, RECORD_ATTR, json.dumps(record.to_dict()))
-            self.study._storage.set_trial_user_attr(trial._trial_id, "failure_reason", reason)
-            self.study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        """A trial left RUNNING by a killed search never finishes: close it on resume."""
+        for trial, record in self.interrupted():
+            self.tell(trial, record)
+
+    def interrupted(self) -> list[tuple[object, TrialRecord]]:
+        """Trials a killed search left RUNNING, each with the record to close it with.
+
+        A trial whose measured record was saved (``save_pending``) before the kill finished its
+        work and only missed ``tell``: it comes back as it was measured, so nothing finished is
+        lost.  Any other is a failed record ("interrupted") that keeps the plan saved by
+        ``started``.  The caller tells them (after trackers saw them, like any trial)."""
+        out = []
+        for frozen in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            trial = optuna.Trial(self.study, frozen._trial_id)
+            if RECORD_ATTR in frozen.user_attrs:
+                record = record_from_dict(json.loads(frozen.user_attrs[RECORD_ATTR]))
+                record.notes.append("recovered on resume: measured before the search was stopped")
+            else:
+                plan = json.loads(frozen.user_attrs.get(PLAN_ATTR, "{}"))
+                record = TrialRecord(number=frozen.number, state=FAILED, plan=plan.get("plan", {}),
+                                     plan_text=plan.get("text", "(unknown: interrupted)"),
+                                     failure_reason=INTERRUPTED)
+            out.append((trial, record))
+        return out
+
+    def started(self, trial, plan: dict, plan_text: str) -> None:
+        """Keep the plan with the running trial, so a kill leaves a record of what ran."""
+        self.study._storage.set_trial_user_attr(trial._trial_id, PLAN_ATTR,
+                                                json.dumps({"plan": plan, "text": plan_text}))
+
+    def save_pending(self, trial, record: TrialRecord) -> None:
+        """Store the measured record before trackers run: a kill between here and ``tell``
+        loses nothing (``interrupted`` returns it on resume)."""
+        self.study._storage.set_trial_user_attr(trial._trial_id, RECORD_ATTR, json.dumps(record.to_dict()))
 
     def finished_count(self) -> int:
         return len(self.study.get_trials(deepcopy=False))

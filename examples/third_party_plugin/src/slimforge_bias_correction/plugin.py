@@ -127,6 +127,8 @@ class BiasCorrection(Technique):
     Config = BiasCorrectionConfig
     description = "Empirical bias correction after quantization: b += E[Wx] - E[W_q x] per channel, vs the teacher."
     cannot_follow = frozenset({"int8_ptq", "int8_dynamic"})  # packed int8 biases: see the module docstring
+    # Alone it has no quantization error to correct: only sample it after a weight quantizer.
+    must_follow = frozenset({"weight_only_quant", "kmeans_clustering"})
     requires = frozenset({"teacher", "calibration_data"})
 
     def suggest(self, space, task) -> BiasCorrectionConfig:
