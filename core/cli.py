@@ -20,21 +20,56 @@ examples:
   slimforge search --max-size 60KB --max-latency 0.5 --max-accuracy-drop 1pt
   slimforge search --config examples/user_task.toml  # your own model, data and metric
   slimforge search --study NAME --trials 30          # resume study NAME up to 30 trials
+  slimforge search --backend ray --cpus-per-trial 2  # trials as Ray Tune trials (pip install 'slimforge[ray]')
+  slimforge worker --storage postgresql://host/db --study NAME   # join search NAME from another host
   slimforge evaluate out/artifacts/<study>/trial-0003.slim
   slimforge plugins list
   slimforge promote --model mnist-lenet5-compressed --policy smallest --min-accuracy 97% --dry-run
+  slimforge sync --out out/                          # replay MLflow records kept while the server was down
   mlflow ui --backend-store-uri sqlite:///mlflow.db  # browse runs and registered models
 """
 
 SEARCH_KEYS = {"trials", "timeout", "seed", "study", "storage", "out", "techniques", "device",
                "disable_plugins", "strict_plugins", "workers", "trial_timeout", "trial_memory_limit",
                "tracking_uri", "tracking", "experiment", "registered_model", "latency_threads",
-               "latency_repeats", "latency_batch_size"}
+               "latency_repeats", "latency_batch_size", "backend", "ray_address", "cpus_per_trial",
+               "gpus_per_trial", "scheduler"}
 BUDGET_KEYS = {"max_size", "max_latency", "min_accuracy", "max_accuracy_drop"}
+# The TOML type each [search] key takes (checked before use: a wrong type is a one-line error).
+_INT, _NUMBER, _BOOL, _TEXT = ("an integer", (int,)), ("a number", (int, float)), ("true or false", (bool,)), \
+    ("a string", (str,))
+SEARCH_KEY_TYPES = {
+    "trials": _INT, "seed": _INT, "workers": _INT, "latency_threads": _INT, "latency_repeats": _INT,
+    "latency_batch_size": _INT, "timeout": _NUMBER, "trial_timeout": _NUMBER, "cpus_per_trial": _NUMBER,
+    "gpus_per_trial": _NUMBER, "strict_plugins": _BOOL, "tracking": _BOOL, "study": _TEXT, "storage": _TEXT,
+    "out": _TEXT, "device": _TEXT, "tracking_uri": _TEXT, "experiment": _TEXT, "registered_model": _TEXT,
+    "backend": _TEXT, "ray_address": _TEXT, "scheduler": _TEXT,
+    "techniques": ("a list of names or a comma-separated string", (list, str)),
+    "disable_plugins": ("a list of names or a comma-separated string", (list, str)),
+    "trial_memory_limit": ("a size like \"4GB\" or a number of bytes", (str, int)),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in slimforge's one-line form (argparse prints the whole usage
+    block first); exit code 2 as before.  Subcommand parsers inherit this class."""
+
+    def error(self, message: str):
+        self.exit(2, f"slimforge: error: {message} (see '{self.prog} --help')\n")
+
+
+def _check_search_types(file_search: dict) -> None:
+    for key, value in file_search.items():
+        expected, types = SEARCH_KEY_TYPES.get(key, (None, None))
+        bad_bool = isinstance(value, bool) and bool not in types if types else False
+        if types and (not isinstance(value, types) or bad_bool):
+            raise ConfigError(f"[search] {key}: expected {expected}, got {value!r}")
+        if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"[search] {key}: expected {expected}, got {value!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="slimforge", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Find the best compressed versions of a PyTorch model under hard size, latency and "
                     "accuracy budgets. Sizes are artifact file bytes; latencies are timed on the device.")
@@ -85,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--latency-repeats", type=int, help="timed repeats after warm-up (default 100)")
     run.add_argument("--latency-batch-size", type=int, help="batch size timed (default 1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scale = search.add_argument_group("search at scale")
+    scale.add_argument("--backend", choices=("optuna", "ray"),
+                       help="optuna (default): trials here or in --workers processes; ray: Ray Tune trials on a local "
+                            "Ray or a cluster (pip install 'slimforge[ray]')")
+    scale.add_argument("--ray-address", help="Ray cluster to join from one of its nodes: auto or HEAD:6379 (default: "
+                                             "$RAY_ADDRESS, else a local Ray on every CPU; ray:// is not supported)")
+    scale.add_argument("--cpus-per-trial", type=float, help="Ray CPUs per trial (default 1; fractions allowed)")
+    scale.add_argument("--gpus-per-trial", type=float, help="Ray GPUs per trial (default 0; fractions such as 0.25 "
+                                                            "share a GPU; needs --device cuda)")
+    scale.add_argument("--scheduler", choices=("fifo", "asha"),
+                       help="Ray trial scheduler: fifo (default) runs every trial to the end; asha stops trials whose "
+                            "validation score trails the others after an epoch")
     track = search.add_argument_group("tracking")
     track.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db in the working dir)")
     track.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
@@ -95,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("artifact", type=Path)
     evaluate.add_argument("--split", default="test", help="split to score (default test)")
     evaluate.add_argument("--config", type=Path, help="task config, when the artifact's task cannot be rebuilt from its header")
+    evaluate.add_argument("--trust", action="store_true",
+                          help="call the factories the artifact's header names even though this account has not "
+                               "trusted them yet (only for files whose origin you trust: it runs their code)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a line of text")
 
     promote = sub.add_parser("promote", help="move the 'champion' alias to a registered version that really wins",
@@ -102,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "split, file bytes, timed latency) and move the 'champion' alias only if the "
                                          "policy's best version beats the current champion. The decision is recorded.")
     promote.add_argument("--model", required=True, help="registered model name, e.g. mnist-lenet5-compressed")
-    promote.add_argument("--policy", default="best-accuracy",
+    promote.add_argument("--policy", default="best-accuracy", choices=("best-accuracy", "smallest"),
                          help="best-accuracy (highest accuracy within --max-size/--max-latency) or smallest "
                               "(smallest with accuracy >= --min-accuracy); default best-accuracy")
     promote.add_argument("--min-accuracy", help="accuracy floor: 0.97 or 97%%")
@@ -111,6 +161,40 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--split", default="test", help="held-out split to re-measure on (default test)")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db in the working dir)")
     promote.add_argument("--dry-run", action="store_true", help="show the decision without moving the alias or recording it")
+
+    worker = sub.add_parser("worker", help="join a running search from another process or host",
+                            description="Join the search STUDY in the Optuna storage STORAGE: rebuild its task, planner "
+                                        "and budgets from the settings the search stored there, and run trials in this "
+                                        "process until the study holds its total. Across hosts use a PostgreSQL or "
+                                        "MySQL URL and an --out directory on a shared filesystem; on one host the "
+                                        "search's sqlite file works.")
+    worker.add_argument("--storage", required=True, help="the search's Optuna storage URL, e.g. "
+                                                         "postgresql://user@host/db or sqlite:////abs/path/optuna.db")
+    worker.add_argument("--study", required=True, help="the search's study name")
+    worker.add_argument("--trials", type=int, help="run until the study holds this many trials (default: the search's total)")
+    worker.add_argument("--wait", type=float, default=60.0,
+                        help="seconds to wait for the search to create the study (default 60)")
+    worker.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sync = sub.add_parser("sync", help="replay MLflow records a search kept while the tracking server was unreachable",
+                          description="A search that cannot reach MLflow keeps going and writes every run, metric and "
+                                      "registration it could not record to OUT/mlflow-pending.jsonl. This replays them "
+                                      "in order; it is safe to run again (nothing is recorded twice).")
+    sync.add_argument("--out", type=Path, default=Path("slimforge-out"), help="the search's output directory (default slimforge-out)")
+    sync.add_argument("--tracking-uri", help="replay to this MLflow URI (default: the URI the search was given)")
+
+    reproduce = sub.add_parser("reproduce", help="rebuild a registered model from its recorded plan and compare bytes",
+                               description="Rebuild the registered model of a trial's MLflow run from the plan and "
+                                           "task its artifact records (same seed, same epochs, same CPU threads) and "
+                                           "check that the rebuilt artifact is identical, bit for bit. Exit 0 when "
+                                           "identical, 1 when not.")
+    reproduce.add_argument("run_id", help="MLflow run id of a trial (the nested run trial-NNNN of a registered model)")
+    reproduce.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db in the working dir)")
+    reproduce.add_argument("--config", type=Path, help="task config, instead of the task the artifact's header records")
+    reproduce.add_argument("--trust", action="store_true",
+                           help="call the factories the artifact's header names even though this account has not "
+                                "trusted them yet (it runs their code)")
+    reproduce.add_argument("--out", type=Path, help="keep the rebuilt artifact in this folder (default: a temporary one)")
 
     plugins = sub.add_parser("plugins", help="inspect installed technique plugins")
     plugins_sub = plugins.add_subparsers(dest="plugins_command", metavar="ACTION")
@@ -128,6 +212,7 @@ def _search_settings(args, file_search: dict):
     for key in file_search:
         if key not in SEARCH_KEYS:
             raise UnknownNameError("[search] key", key, SEARCH_KEYS)
+    _check_search_types(file_search)
     merged = dict(file_search)
     for key in SEARCH_KEYS:
         value = getattr(args, key, None)
@@ -145,7 +230,9 @@ def _search_settings(args, file_search: dict):
               "tracking_uri": merged.get("tracking_uri"), "tracking": merged.get("tracking"),
               "experiment": merged.get("experiment"), "registered_model": merged.get("registered_model"),
               "progress": not args.no_progress, "latency": latency, "workers": merged.get("workers"),
-              "trial_timeout_s": merged.get("trial_timeout"),
+              "trial_timeout_s": merged.get("trial_timeout"), "backend": merged.get("backend"),
+              "ray_address": merged.get("ray_address"), "cpus_per_trial": merged.get("cpus_per_trial"),
+              "gpus_per_trial": merged.get("gpus_per_trial"), "scheduler": merged.get("scheduler"),
               "trial_memory_limit": (parse_size(merged["trial_memory_limit"], "--trial-memory-limit")
                                      if merged.get("trial_memory_limit") is not None else None)}
     return SearchSettings(**{k: v for k, v in kwargs.items() if v is not None})
@@ -181,7 +268,8 @@ def cmd_search(args) -> int:
         if key not in BUDGET_KEYS:
             raise UnknownNameError("[budgets] key", key, BUDGET_KEYS)
     budgets = Budgets.parse(**{k: getattr(args, k) if getattr(args, k) is not None else file_budgets.get(k)
-                               for k in BUDGET_KEYS})
+                               for k in BUDGET_KEYS},
+                            fields={k: f"[budgets] {k}" for k in file_budgets if getattr(args, k) is None})
     settings = _search_settings(args, file_config.get("search", {}))
     if "task" in file_config:
         if args.task:
@@ -199,9 +287,15 @@ def cmd_search(args) -> int:
 
 
 def format_result(result) -> str:
-    counts = result.counts()
-    lines = [f"study {result.study_name}: {len(result.trials)} trials - {counts['complete']} complete, "
-             f"{counts['rejected']} rejected before training, {counts['failed']} failed, {counts['feasible']} feasible",
+    from slimforge.search.engine import search_summary
+
+    s = search_summary(result.trials, result.baseline)
+    stopped = f", {s['stopped_by_scheduler']} stopped by the scheduler" if s["stopped_by_scheduler"] else ""
+    hypervolume = f"{s['hypervolume']:.4f}" if s["hypervolume"] is not None else "n/a"
+    lines = [f"study {result.study_name}: {s['trials_done']} trials done - {s['complete']} complete, "
+             f"{s['rejected_before_training']} rejected before training, {s['failed']} failed{stopped}, "
+             f"{s['feasible']} feasible; feasible-front hypervolume {hypervolume} (normalised to the baseline, "
+             f"reference 1.1; see summary.json)",
              f"baseline: {result.baseline.accuracy:.4f} val / {result.baseline_test.accuracy:.4f} test, "
              f"{result.baseline.size_bytes / 1000:.1f} KB, {result.baseline.latency_ms:.3f} ms", ""]
     if not result.pareto:
@@ -230,7 +324,15 @@ def cmd_evaluate(args) -> int:
     if not args.artifact.exists():
         raise ConfigError(f"artifact: file not found: {args.artifact}")
     meta, _ = read_artifact(args.artifact)
-    task = task_from_config(args.config) if args.config else task_from_source(meta.get("task", {}))
+    if args.config:
+        task = task_from_config(args.config)
+    else:
+        from slimforge.core import trust
+
+        if args.trust:
+            trust.trust(meta, str(args.artifact))
+        trust.check(meta, str(args.artifact))  # before anything the header names is imported
+        task = task_from_source(meta.get("task", {}))
     plugins = Plugins()
     runner = TrialRunner(task=task, plugins=plugins, budgets=Budgets(), artifact_dir=args.artifact.parent,
                          latency=LatencySettings())
@@ -257,9 +359,61 @@ def cmd_promote(args) -> int:
         marker = " (champion)" if c.version == decision.champion_before else ""
         print(f"{c.version:>7}  {c.accuracy:>7.4f}  {c.logged.get('accuracy_test', '-')[:10]:>10}  {c.size_bytes:>8}  "
               f"{c.logged.get('size_bytes', '-'):>12}  {c.latency_ms:>7.3f}  {'yes' if c.eligible else 'no: ' + c.why_not}{marker}")
-    verb = "PROMOTED" if decision.promoted else "NOT PROMOTED"
+    if decision.dry_run:
+        verb = f"WOULD PROMOTE v{decision.candidate}" if decision.would_promote else "WOULD NOT PROMOTE"
+    else:
+        verb = f"PROMOTED v{decision.candidate} to champion" if decision.promoted else "NOT PROMOTED"
     print(f"\n{verb}: {decision.reason}")
     return 0
+
+
+def cmd_worker(args) -> int:
+    from slimforge.search.engine import run_worker
+
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError(f"--trials: must be >= 1, got {args.trials}")
+    records = run_worker(storage=args.storage, study=args.study, trials=args.trials, progress=not args.no_progress,
+                         wait_s=args.wait)
+    states = [r.state for r in records]
+    print(f"worker ran {len(records)} trial(s) of study {args.study}: "
+          + (", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states)) or "none left to run"))
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from slimforge.tracking.mlflow import sync_pending
+
+    report = sync_pending(args.out, args.tracking_uri)
+    if not report.done and not report.pending:
+        print(f"nothing pending in {args.out} (no {report.journal.name})")
+        return 0
+    counts = report.counts()
+    names = {"search_start": "search run(s)", "trial": "trial run(s)", "register": "registered version(s)",
+             "search_end": "search(es) finished"}
+    done = ", ".join(f"{counts[k]} {v}" for k, v in names.items() if counts.get(k)) or "nothing"
+    versions = [o["links"] for op, o in report.done if op["op"] == "register"]
+    if versions:
+        done += " (" + ", ".join(f"{v['registered_model']} v{v['model_version']}" for v in versions) + ")"
+    print(f"replayed {len(report.done)} operation(s): {done}")
+    if report.pending:
+        first = report.pending[0]
+        print(f"{len(report.pending)} operation(s) still pending in {report.journal}: {first.get('last_error', '')}",
+              file=sys.stderr)
+        return 1
+    print(f"nothing pending; {report.journal.name} removed")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from slimforge.search.reproduce import reproduce
+
+    uri = args.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    result = reproduce(args.run_id, tracking_uri=uri, config=args.config, trust_header=args.trust, out_dir=args.out,
+                       log=lambda msg: print(msg, file=sys.stderr))
+    print(f"recorded: {result.recorded_sha256}  {result.model_uri} (trial {result.trial})")
+    print(f"rebuilt:  {result.rebuilt_sha256}  {result.rebuilt_path if args.out else '(temporary; keep it with --out)'}")
+    print("identical" if result.identical else f"different: {result.difference}")
+    return 0 if result.identical else 1
 
 
 def cmd_plugins(args) -> int:
@@ -285,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "plugins" and args.plugins_command is None:
         parser.parse_args(["plugins", "--help"])
-    handler = {"search": cmd_search, "evaluate": cmd_evaluate, "promote": cmd_promote, "plugins": cmd_plugins}[args.command]
+    handler = {"search": cmd_search, "evaluate": cmd_evaluate, "promote": cmd_promote, "sync": cmd_sync,
+               "plugins": cmd_plugins, "worker": cmd_worker, "reproduce": cmd_reproduce}[args.command]
     try:
         return handler(args)
     except SlimforgeError as exc:

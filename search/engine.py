@@ -54,6 +54,13 @@ HYPERVOLUME_DEFINITION = ("hypervolume of feasible complete trials over (1 - acc
                           f"the largest possible value is {HYPERVOLUME_REFERENCE ** 3:.3f}")
 
 
+# Through Ray Client, Tune would run the searcher on the head node, away from this search's study,
+# trackers and progress bar; a search joins the cluster from one of its nodes instead.
+RAY_CLIENT_REFUSED = ("{source}: Ray Client addresses (ray://...) are not supported: Tune would run the search "
+                      "loop on the head node. Run slimforge search on a node of the cluster with --ray-address auto "
+                      "(or the head's host:6379)")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SearchSettings:
     """How to search.  Defaults live here and nowhere else."""
@@ -109,10 +116,15 @@ class SearchSettings:
                 if value != default:
                     raise ConfigError(f"{name}: only applies to --backend ray (this search uses --backend {self.backend})")
         else:
+            if self.workers != 1:
+                raise ConfigError("--workers: not used with --backend ray, which runs as many trials at once as the "
+                                  "cluster's resources allow; set --cpus-per-trial / --gpus-per-trial instead")
             for name, value in (("--trial-timeout", self.trial_timeout_s), ("--trial-memory-limit", self.trial_memory_limit)):
                 if value is not None:
                     raise ConfigError(f"{name}: not supported with --backend ray (Ray's memory monitor kills trials "
                                       "that exhaust memory); use --backend optuna")
+            if self.ray_address and self.ray_address.startswith("ray://"):
+                raise ConfigError(RAY_CLIENT_REFUSED.format(source="--ray-address"))
             if self.gpus_per_trial > 0 and not self.device.startswith("cuda"):
                 raise ConfigError("--gpus-per-trial: GPUs are only used with --device cuda")
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -179,6 +191,22 @@ def _check_device(settings: SearchSettings) -> None:
             raise ConfigError("--device: 'cuda' requested but torch sees no CUDA device; valid here: cpu")
 
 
+def _measure_baseline(runner: TrialRunner, path: Path, task: Task, split: str) -> Measurements:
+    """The uncompressed model on ``split``.  It is the user's own model, data and metric, so a
+    failure here is bad input (wrong shapes, a metric that raises), reported on one line before any
+    trial runs; a trial failing the same way would only be recorded as failed, over and over."""
+    from slimforge.core.errors import SlimforgeError, TaskError
+
+    try:
+        return runner.measure(path, split)
+    except SlimforgeError:
+        raise
+    except Exception as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise TaskError(f"task {task.name!r}: the uncompressed model fails on its own {split!r} data and metric: "
+                        f"{type(exc).__name__}: {detail}") from exc
+
+
 def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSettings(),
                plugins: Plugins | None = None) -> SearchResult:
     from slimforge.search.backends.optuna import OptunaBackend
@@ -202,7 +230,7 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
     teacher_device = "cpu"
     baseline_path = settings.out_dir / "baseline.slim"
     save_model(task.teacher.to(teacher_device), baseline_path, task=task, plan=Plan())
-    baseline, baseline_test = runner.measure(baseline_path, "val"), runner.measure(baseline_path, "test")
+    baseline, baseline_test = _measure_baseline(runner, baseline_path, task, "val"), _measure_baseline(runner, baseline_path, task, "test")
     budgets = runner.budgets = budgets.resolve(baseline.accuracy)
     _log(f"baseline (uncompressed): {task.metric_name} {baseline.accuracy:.4f} val / {baseline_test.accuracy:.4f} test, "
          f"{baseline.size_bytes / 1000:.1f} KB, {baseline.latency_ms:.3f} ms; budgets: {budgets.describe()}")
@@ -217,17 +245,18 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         # Trials a killed search left RUNNING are closed below, once the trackers have started.
         backend = OptunaBackend(storage=settings.storage, study_name=settings.study, seed=settings.seed, budgets=budgets,
                                 close_interrupted=False)
-        _store_settings(backend, task, runner, settings, baseline)
         plugins.configure(settings.to_dict())
         plugins.search_start(settings=settings.to_dict() | {"budgets": budgets.to_dict()}, task=task, baseline=baseline)
         _close_interrupted(backend, plugins)
+        # Only now may `slimforge worker`s join: a worker's RUNNING trial is not an interrupted one.
+        _store_settings(backend, task, runner, settings, baseline)
         runner.history.extend(record_from_dict(r) for r in backend.records())
         run_trials(SearchContext(backend=backend, planner=planner, runner=runner, plugins=plugins, task=task,
                                  settings=settings, baseline=baseline))
         _wait_for_other_workers(backend)
         records = [record_from_dict(r) for r in backend.records()]
         if tracker is not None:
-            _adopt_untracked(backend, records, plugins)
+            _adopt_untracked(records, plugins)
         pareto = pareto_front(records)
         for member in pareto:  # the only place the test split is used
             member.test_measurements = runner.measure(member.artifact_path, "test")
@@ -302,21 +331,14 @@ def _wait_for_other_workers(backend) -> None:
         _log("stopped waiting; the summary leaves out the trials still running")
 
 
-def _adopt_untracked(backend, records: list[TrialRecord], plugins: Plugins) -> None:
-    """Trials run by other processes (``slimforge worker``), which have no tracker, are logged
-    here, so every trial of the search has its nested MLflow run and Pareto members can be
-    registered.  The links are stored back, so a resumed search does not log them again."""
-    from slimforge.search.backends.optuna import RECORD_ATTR
-
-    by_number = None
+def _adopt_untracked(records: list[TrialRecord], plugins: Plugins) -> None:
+    """Trials run by other processes (``slimforge worker``, which has no tracker) reach the
+    trackers here, so every trial of the search has its nested MLflow run and Pareto members can
+    be registered.  The tracker keys runs by study and trial, so a resumed search that adopts
+    them again reuses their runs."""
     for record in records:
-        if "mlflow_run_id" in record.links:
-            continue
-        plugins.trial_end(record)
-        if by_number is None:
-            by_number = {t.number: t for t in backend.study.get_trials(deepcopy=False)}
-        backend.study._storage.set_trial_user_attr(by_number[record.number]._trial_id, RECORD_ATTR,
-                                                   json.dumps(record.to_dict()))
+        if not any(key.startswith("mlflow") for key in record.links):
+            plugins.trial_end(record)
 
 
 # --- progress and the search budget summary ----------------------------------------------------
@@ -521,14 +543,17 @@ def read_stored_settings(storage: str, study: str, wait_s: float = 0.0) -> dict[
     deadline = time.monotonic() + wait_s
     announced = False
     while True:
+        problem = ""
         try:
             stored = optuna.load_study(study_name=study, storage=storage).user_attrs.get(SETTINGS_ATTR)
         except KeyError:  # Optuna's "study not found"
             stored = None
+        except Exception as exc:  # e.g. the sqlite file's folder does not exist yet, or the server is down
+            stored, problem = None, f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         if stored is not None:
             return stored
         if time.monotonic() >= deadline:
-            raise ConfigError(f"--study: no slimforge search named {study!r} in {storage}; start it with "
+            raise ConfigError(f"--study: no slimforge search named {study!r} in {storage}{problem}; start it with "
                               f"'slimforge search --storage {storage} --study {study}' (workers join a search, "
                               "they do not start one)")
         if not announced and wait_s:
@@ -553,7 +578,8 @@ def run_worker(*, storage: str, study: str, trials: int | None = None, progress:
     settings = SearchSettings.from_dict(stored["settings"])
     settings = dataclasses.replace(settings, storage=storage, study=study, progress=progress,
                                    trials=trials or settings.trials, workers=1, trial_timeout_s=None,
-                                   trial_memory_limit=None, tracking=False)
+                                   trial_memory_limit=None, tracking=False, backend="optuna", scheduler="fifo",
+                                   ray_address=None, cpus_per_trial=1.0, gpus_per_trial=0.0)
     _check_device(settings)
     if not ({"builtin", "config"} & set(stored["task_source"])):
         raise ConfigError(f"study {study!r}: its task was built in Python, so a worker cannot rebuild it; "

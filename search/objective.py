@@ -55,6 +55,9 @@ class TrialRunner:
     latency: LatencySettings = LatencySettings()
     history: list[TrialRecord] = field(default_factory=list)  # finished trials, for early stopping
     latency_lock: Path | None = None  # held while timing, so concurrent workers never time at once
+    # Rebuilding a recorded trial (`slimforge reproduce`): train exactly this many epochs, the
+    # number the original trial trained before it finished or was stopped early.
+    replay_epochs: int | None = None
 
     def __post_init__(self) -> None:
         self._teacher_outputs: TeacherOutputs | None = None
@@ -156,6 +159,9 @@ class TrialRunner:
         projection misses ``min_accuracy``, or when a finished feasible trial is at least as small
         and already scores above the projection (this one could only end up dominated on
         accuracy and size)."""
+        if self.replay_epochs is not None:
+            done = len(log.scores)
+            return f"replayed the recorded {done} epoch(s)" if epochs_left and done >= self.replay_epochs else None
         if epochs_left == 0 or not log.scores:
             return None
         history = [log.score_before, *log.scores] if log.score_before is not None else log.scores
@@ -175,7 +181,7 @@ class TrialRunner:
 
     def measure(self, artifact: Path | str, split: str) -> Measurements:
         """Load the artifact as a user would, then measure it."""
-        loaded = load_model(artifact, self.plugins.registry)
+        loaded = load_model(artifact, self.plugins.registry, task=self.task)
         device = self._device_for(loaded.model)
         accuracy = evaluate(loaded.model.to(device), self.task.split(split), self.task.metric, device=device)
         with file_lock(self.latency_lock):

@@ -15,6 +15,9 @@ How it maps onto Ray (checked against Ray 2.60's ``ray.tune.search.optuna.Optuna
   ``OptunaBackend.tell``: the record is stored on the trial and the budget violations reach TPE
   through ``Trial.set_constraint`` exactly as with the Optuna backend.  Nothing is folded into the
   objective values.
+- **Cluster.**  ``--ray-address auto`` (or ``host:6379``) from a node of the cluster.  Ray Client
+  (``ray://``) is refused: through it Tune runs the search loop on the head node, away from this
+  process's study, trackers and progress bar.
 - **Trainable.**  A function trainable rebuilds the task from ``Task.source`` (built-in name or
   config file) once per Ray worker process, with its own ``Plugins`` and ``TrialRunner``, runs
   the plan and reports the record.  Resources per trial: ``--cpus-per-trial``,
@@ -204,6 +207,7 @@ def _searcher_class():
 
             plan = Plan.from_dict(payload["plan"])
             self.ctx.plugins.trial_start(trial.number, plan)
+            self.ctx.backend.started(trial, payload["plan"], plan.describe())  # a kill now still leaves the plan
             self.running[trial_id] = (trial.number, payload["plan"], plan.describe(), time.monotonic())
             return config
 
@@ -231,16 +235,18 @@ def _searcher_class():
                           + (f": validation {scores[-1]:.4f} trailed other trials at that epoch" if scores else ""))
                 record = TrialRecord(number=number, state=STOPPED, plan=plan, plan_text=plan_text,
                                      epoch_scores=scores, stopped_early=reason, duration_s=time.monotonic() - began)
-            self.ctx.plugins.trial_end(record)
             if record.state == STOPPED:
-                # Optuna's word for a trial ended by a scheduler: PRUNED.  No measurements, so no
-                # constraints either; the sampler learns nothing false from it.
+                # Optuna's word for a trial ended by a scheduler is PRUNED.  No measurements, so no
+                # constraints either: the sampler learns nothing false from it.
                 from slimforge.search.backends.optuna import RECORD_ATTR
 
-                trial.set_user_attr(RECORD_ATTR, json.dumps(record.to_dict()))
-                self.ctx.backend.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                backend = self.ctx.backend
+                backend.save_pending(trial, record)
+                self.ctx.plugins.trial_end(record)
+                trial.set_user_attr(RECORD_ATTR, json.dumps(record.to_dict()))  # now with the trackers' links
+                backend.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             else:
-                self.ctx.backend.tell(trial, record)
+                engine.finish_trial(self.ctx.backend, self.ctx.plugins, trial, record)
             self.progress.finished()
 
         # Ray checkpoints searchers by pickling them; the study in Optuna storage is this search's
@@ -261,6 +267,10 @@ def _init_ray(settings):
     if ray.is_initialized():  # the caller's own ray.init (e.g. with fewer CPUs): use it as it is
         return False
     address = settings.ray_address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith("ray://"):
+        from slimforge.search.engine import RAY_CLIENT_REFUSED
+
+        raise ConfigError(RAY_CLIENT_REFUSED.format(source="--ray-address" if settings.ray_address else "$RAY_ADDRESS"))
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                   configure_logging=True)
     if address:

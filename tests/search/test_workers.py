@@ -1,0 +1,125 @@
+"""Search at scale with the Optuna backend: `slimforge worker` joins a running search through its
+study's storage; the study's total holds however many processes ask; the search budget summary
+(trials done, failed, rejected, hypervolume of the feasible front)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import optuna
+import pytest
+
+import sf_testing_models
+from slimforge.core.cli import main
+from slimforge.core.measure import Measurements
+from slimforge.search.engine import (SURPLUS_ATTR, WORKER_ATTR, SearchSettings, claim_trial, feasible_hypervolume,
+                                     search_summary)
+from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord
+
+STUDY = "shared"
+
+
+@pytest.mark.slow
+def test_a_worker_process_shares_the_searchs_trials(tmp_path, subprocess_env, slimforge_cmd):
+    """A search (--trials 4) and a `slimforge worker` on the same sqlite study, both as
+    subprocesses started together: 4 trials in all, each run once and recorded once, and every
+    trial (the worker's too) tracked by the search, which waits for the worker's last trial."""
+    config = tmp_path / "task.toml"
+    config.write_text(sf_testing_models.task_toml())
+    storage = f"sqlite:///{tmp_path / 'out' / 'optuna.db'}"
+    (tmp_path / "out").mkdir()
+    search = subprocess.Popen(
+        [*slimforge_cmd, "search", "--config", str(config), "--trials", "4", "--study", STUDY, "--storage", storage,
+         "--techniques", "int8_ptq,magnitude_pruning", "--latency-repeats", "5", "--out", str(tmp_path / "out"),
+         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-progress"],
+        cwd=tmp_path, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    worker = subprocess.run([*slimforge_cmd, "worker", "--storage", storage, "--study", STUDY, "--wait", "120",
+                             "--no-progress"],
+                            cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    search_out, search_err = search.communicate(timeout=300)
+    assert worker.returncode == 0, worker.stderr
+    assert search.returncode == 0, search_err
+    assert time.monotonic() - started < 300
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert sorted(t["number"] for t in summary["trials"]) == [0, 1, 2, 3]
+    assert all(t["state"] == COMPLETE for t in summary["trials"]), [t["failure_reason"] for t in summary["trials"]]
+    assert summary["search_summary"]["trials_done"] == 4
+    study = optuna.load_study(study_name=STUDY, storage=storage)
+    counted = [t for t in study.get_trials() if not t.user_attrs.get(SURPLUS_ATTR)]
+    assert len(counted) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in counted)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.RUNNING,))) == 0
+    runners = {t.user_attrs[WORKER_ATTR] for t in counted}
+    assert len(runners) == 2, f"expected the search and the worker to share the trials; got {runners}"
+    ran = int(worker.stdout.split("worker ran ")[1].split()[0])
+    assert 1 <= ran <= 3
+    # The search logged the worker's trials too: one nested MLflow run per trial.
+    assert all(t["links"].get("mlflow_run_id") or t["links"].get("mlflow_pending") for t in summary["trials"])
+
+
+def test_worker_without_a_search_names_the_command_that_starts_one(capsys, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    code = main(["worker", "--storage", storage, "--study", "nothing-here", "--wait", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"slimforge search --storage {storage} --study nothing-here" in err
+
+
+def test_a_study_holds_its_total_however_many_processes_ask():
+    """Two processes that both saw room for one more trial both ask; the one numbered past the
+    total is closed as surplus, never run, never counted."""
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    first, second = study.ask(), study.ask()  # both asked while the study held no trial
+    assert claim_trial(study, first, total=1)
+    assert not claim_trial(study, second, total=1)
+    assert second.number == 1 and study.trials[1].state == optuna.trial.TrialState.FAIL
+    assert study.trials[1].user_attrs[SURPLUS_ATTR] is True
+    # Surplus asks do not count: raising the total later fills it with real trials.
+    third = study.ask()
+    assert claim_trial(study, third, total=2)
+    assert WORKER_ATTR in study.trials[third.number].user_attrs
+
+
+def test_settings_round_trip_through_the_study():
+    settings = SearchSettings(trials=7, seed=3, techniques=("int8_ptq",), out_dir="x", disabled_plugins=("a",))
+    assert SearchSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+
+
+# --- the search budget summary ------------------------------------------------------------------
+
+BASELINE = Measurements(accuracy=0.98, size_bytes=1000, latency_ms=1.0)
+
+
+def _record(number, state=COMPLETE, feasible=True, accuracy=0.9, size=500, latency=0.5) -> TrialRecord:
+    measured = state == COMPLETE
+    return TrialRecord(number=number, state=state, plan={}, plan_text="", feasible=feasible and measured,
+                       measurements=Measurements(accuracy=accuracy, size_bytes=size, latency_ms=latency)
+                       if measured else None)
+
+
+def test_hypervolume_is_over_normalised_objectives_with_reference_1_1():
+    # One point (1 - 0.9, 500 / 1000, 0.5 / 1.0) = (0.1, 0.5, 0.5): box to (1.1, 1.1, 1.1).
+    assert feasible_hypervolume([_record(0)], BASELINE) == pytest.approx(1.0 * 0.6 * 0.6)
+    # Infeasible, failed and dominated trials add nothing; a point outside the box adds nothing.
+    noise = [_record(1, feasible=False, accuracy=0.99, size=10), _record(2, state=FAILED),
+             _record(3, accuracy=0.8, size=600, latency=0.6), _record(4, accuracy=0.99, size=2000)]
+    assert feasible_hypervolume([_record(0), *noise], BASELINE) == pytest.approx(0.36)
+    # A second non-dominated point adds exactly its exclusive volume.
+    both = feasible_hypervolume([_record(0), _record(5, accuracy=0.7, size=100)], BASELINE)
+    assert both == pytest.approx(0.36 + (1.1 - 0.3) * (0.5 - 0.1) * 0.6)
+    assert feasible_hypervolume([], BASELINE) == 0.0
+
+
+def test_search_summary_counts_what_the_progress_bar_and_summary_show():
+    records = [_record(0), _record(1, state=FAILED), _record(2, state=REJECTED), _record(3, state="stopped"),
+               _record(4, feasible=False)]
+    summary = search_summary(records, BASELINE)
+    assert {k: summary[k] for k in ("trials_done", "complete", "failed", "rejected_before_training",
+                                    "stopped_by_scheduler", "feasible")} == {
+        "trials_done": 5, "complete": 2, "failed": 1, "rejected_before_training": 1, "stopped_by_scheduler": 1,
+        "feasible": 1}
+    assert summary["hypervolume"] == pytest.approx(0.36)
+    assert "reference point (1.1, 1.1, 1.1)" in summary["hypervolume_definition"]
