@@ -62,14 +62,17 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drop", default="1pt", help="accuracy budget for the comparison (default 1pt)")
+    parser.add_argument("--x100-only", action="store_true", help="run only the > 100x search")
     args = parser.parse_args()
     task = load_task()
     out = Path(tempfile.mkdtemp(prefix="sf-distill-search-"))
     budgets = Budgets.parse(max_accuracy_drop=args.drop)
     runs = {}
-    for label, techniques in (("without", BASE), ("with", BASE + DISTILL)):
+    for label, techniques in () if args.x100_only else (("without", BASE), ("with", BASE + DISTILL)):
         result, seconds = search(task, techniques, budgets, args.trials, args.seed, out / label)
         runs[label] = (result, seconds)
+    if args.x100_only:
+        return x100(task, args, out)
     dense = runs["without"][0].baseline.size_bytes
     floor = runs["without"][0].budgets["min_accuracy"]
     print(f"dense fp32 artifact {dense} B, val {runs['without'][0].baseline.accuracy:.4f}; budget: val accuracy >= {floor:.4f}; "
@@ -86,9 +89,17 @@ def main() -> None:
         for acc, size, test, plan in pts:
             print(f"    val {acc:.4f}  test {test:.4f}  {size:>8} B  {dense / size:6.1f}x  {plan}")
         print()
+    x100(task, args, out)
+
+
+def x100(task, args, out) -> None:
+    from slimforge.core.compressed import save_model
+    from slimforge.core.plan import Plan
+
+    dense = save_model(task.teacher, out / "dense.slim", task=task, plan=Plan())
     target = dense // 100
-    result, seconds = search(task, BASE + DISTILL, Budgets.parse(max_size=target, max_accuracy_drop="2pt"),
-                             args.trials, args.seed, out / "x100")
+    result, seconds = search(task, ("parameter_distillation", "knowledge_distillation", "weight_only_quant"),
+                             Budgets.parse(max_size=target, max_accuracy_drop="2pt"), args.trials, args.seed, out / "x100")
     pts = front_points(result)
     print(f"[>100x ask: --max-size {target} B, drop <= 2pt, with distillation] {seconds:.0f} s, "
           f"{result.counts()['feasible']} feasible, front of {len(pts)}")

@@ -113,6 +113,9 @@ class Technique:
     # Non-empty: the technique is only useful after one of these (e.g. bias correction after a
     # weight quantizer); the planner never samples it without one of them earlier in the plan.
     must_follow: ClassVar[frozenset[str]] = frozenset()
+    # (low, high) recovery epochs the search should consider when this technique is in a plan;
+    # None keeps the planner's default range.
+    recovery_epochs: ClassVar[tuple[int, int] | None] = None
     # What the technique needs from the search, a subset of REQUIREMENTS; the planner leaves it
     # out where that is not available (e.g. "gpu" on a CPU search).
     requires: ClassVar[frozenset[str]] = frozenset()

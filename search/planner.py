@@ -68,7 +68,16 @@ class Planner:
             steps.append(PlanStep(technique.name, technique.config_to_dict(config)))
         recovery = Recovery()
         if any(t.needs_recovery for t in chosen):
-            recovery = Recovery(epochs=space.suggest_int("recovery.epochs", *RECOVERY_EPOCHS),
+            # A technique may need more fine-tuning than the default range (a student trained
+            # from a tenth of the teacher): the widest declared range wins, under its own name
+            # because Optuna needs one fixed range per parameter name.
+            low, high = RECOVERY_EPOCHS
+            wanted = [t.recovery_epochs for t in chosen if t.recovery_epochs]
+            name = "recovery.epochs"
+            if wanted:
+                low, high = min(r[0] for r in wanted), max(r[1] for r in wanted)
+                name = f"recovery.epochs[{low}-{high}]"
+            recovery = Recovery(epochs=space.suggest_int(name, low, high),
                                 lr=space.suggest_float("recovery.lr", *RECOVERY_LR, log=True))
         return Plan(steps=tuple(steps), recovery=recovery, seed=seed)
 

@@ -42,6 +42,7 @@ class ParameterDistillation(Technique):
     stage = Stage.STUDENT_INIT
     Config = ParameterDistillationConfig
     needs_recovery = True
+    recovery_epochs = (3, 12)  # a narrow student must relearn much of the function (benchmarks: 10 epochs)
     description = "Student of reduced width initialised from the teacher's most important channels (Torch-Pruning)."
 
     def suggest(self, space, task) -> ParameterDistillationConfig:

@@ -1,5 +1,5 @@
-"""kmeans_clustering: codes cost log2(k) bits per weight in the file, pruned zeros stay exact,
-fine-tuning moves centroids and never codes."""
+"""kmeans_clustering: codes cost at most log2(k) bits per weight in the file, a pruned layer pays
+for its nonzeros only, pruned zeros stay exact, fine-tuning moves centroids and never codes."""
 
 import copy
 
@@ -8,15 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from slimforge.core.compressed import load_model, save_model
-from slimforge.core.artifact import describe_artifact
+from slimforge.core.artifact import describe_artifact, encode_tensors
 from slimforge.core.errors import ConfigError
 from slimforge.core.manager import Plugins
 from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.recovery import AppliedStep, recover
 from slimforge.core.technique import TechniqueContext
 from slimforge.core.testing import TINY_ARCHITECTURES, tiny_task
+from slimforge.plugins.common import replace_module
 from slimforge.plugins.pruning.magnitude import MagnitudePruning, MagnitudePruningConfig
-from slimforge.plugins.sharing.kmeans import ClusteredLayer, KMeansClustering, KMeansConfig, kmeans_1d
+from slimforge.plugins.sharing.kmeans import (STORAGES, ClusteredLayer, KMeansClustering, KMeansConfig, encoded_size,
+                                              kmeans_1d)
 
 KMEANS = KMeansClustering()
 
@@ -49,29 +51,89 @@ def test_lloyd_from_linear_init_is_deterministic_and_assigns_nearest():
     assert centroids[-1] == 5.0 and (codes == 7).sum() == 1
 
 
-def test_4bit_codes_of_a_64x144_layer_take_half_a_byte_per_weight(tmp_path):
+def _saved_rows(model, task, config, ctx, path, steps=None, structure=None):
+    plan = Plan(steps=steps or (PlanStep(KMEANS.name, KMEANS.config_to_dict(config)),))
+    save_model(model, path, task=task, plan=plan, structure=structure or [ctx.structure])
+    return {row["name"]: row for row in describe_artifact(path)["tensors"]}
+
+
+def test_4bit_codes_of_a_dense_64x144_layer_take_at_most_half_a_byte_per_weight(tmp_path):
     task, model, config, ctx = _clustered(bits={"1": 4, "3": 4, "5": 2})
     layer = model[1]
-    assert isinstance(layer, ClusteredLayer) and layer.weight_shape == (64, 144)
+    assert isinstance(layer, ClusteredLayer) and layer.weight_shape == (64, 144) and not layer.zero_code
     assert layer.decoded_weight().unique().numel() <= 16
-    plan = Plan(steps=(PlanStep(KMEANS.name, KMEANS.config_to_dict(config)),))
-    path = tmp_path / "kmeans.slim"
-    save_model(model, path, task=task, plan=plan, structure=[ctx.structure])
-    rows = {row["name"]: row for row in describe_artifact(path)["tensors"]}
+    # The storage form is the one the codec makes smaller, and it is recorded for restore_structure.
+    storage = ctx.structure["layers"]["1"]["storage"]
+    assert storage == layer.storage == min(STORAGES, key=lambda s: encoded_size(layer.code_index, 4, s))
+    rows = _saved_rows(model, task, config, ctx, tmp_path / "kmeans.slim")
     assert "1.weight" not in rows and "1.code_index" not in rows  # no float copy, no unpacked cache
     codes = rows["1.codes"]
-    assert (codes["dtype"], codes["shape"]) == ("uint8", [64 * 144 // 2])
-    assert codes["arrays"][0]["raw_bytes"] == 64 * 144 // 2 == 4608
-    assert codes["stored_bytes"] <= 4608
+    assert codes["dtype"] == "uint8"
+    assert codes["shape"] == ([64 * 144 // 2] if storage == "packed" else [64, 144])
+    assert codes["stored_bytes"] <= 64 * 144 * 4 // 8 == 4608  # <= bits / 8 bytes per code, whichever form
     assert rows["1.codebook"]["shape"] == [16]
-    assert rows["5.codes"]["shape"] == [(5 * 32 * 2 + 7) // 8]
     layer_bytes = sum(r["stored_bytes"] for name, r in rows.items() if name.startswith("1."))
     assert layer_bytes < 64 * 144 * 4 / 7  # vs 36,864 dense float32 bytes
-    loaded = load_model(path, Plugins(load_entry_points=False).registry).model
+    loaded = load_model(tmp_path / "kmeans.slim", Plugins(load_entry_points=False).registry).model
     x = task.split("val")[:][0][:32]
     with torch.inference_mode():
         assert torch.equal(model(x), loaded(x))
     assert torch.equal(loaded[1].code_index, layer.code_index)
+    assert loaded[1].storage == storage
+
+
+def test_a_90_percent_pruned_layer_pays_for_its_nonzeros_only(tmp_path):
+    task = tiny_task(TINY_ARCHITECTURES[1])
+    pruning, prune_ctx = MagnitudePruning(), TechniqueContext(task=task)
+    prune_config = MagnitudePruningConfig(default_sparsity=0.9)
+    model = pruning.apply(copy.deepcopy(task.teacher), prune_config, prune_ctx)
+    config, ctx = KMeansConfig(fc_bits=5), TechniqueContext(task=task)
+    model = KMEANS.apply(model, config, ctx)
+    layer = model[1]
+    assert layer.zero_code and layer.storage == ctx.structure["layers"]["1"]["storage"] == "uint8"
+    assert (layer.codes.dtype, tuple(layer.codes.shape)) == (torch.uint8, (64, 144))
+    assert torch.equal(layer.codes == 0, layer.decoded_weight() == 0)
+    assert int((layer.codes != 0).sum()) == 64 * 144 - round(0.9 * 64 * 144)
+    steps = (PlanStep(pruning.name, pruning.config_to_dict(prune_config)),
+             PlanStep(KMEANS.name, KMEANS.config_to_dict(config)))
+    rows = _saved_rows(model, task, config, ctx, tmp_path / "pruned.slim", steps, [prune_ctx.structure, ctx.structure])
+    codes = rows["1.codes"]
+    # Stored sparsely (relative indices or bitmask) and entropy-coded: 922 nonzero codes in ~1 KB,
+    # against 5,760 bytes for the same 5-bit codes packed densely, and less than those packed
+    # bytes after entropy coding.
+    assert codes["encoding"] in ("relative", "bitmask")
+    packed_dense = 64 * 144 * 5 // 8
+    assert codes["stored_bytes"] < 0.25 * packed_dense
+    assert codes["stored_bytes"] < encoded_size(layer.code_index, 5, "packed") - len(encode_tensors({}, {}))
+    loaded = load_model(tmp_path / "pruned.slim", Plugins(load_entry_points=False).registry).model
+    x = task.split("val")[:][0][:32]
+    with torch.inference_mode():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_artifacts_with_packed_codes_and_no_recorded_storage_still_load(tmp_path):
+    # The form every artifact had before the storage choice: packed codes, even for pruned layers.
+    task = tiny_task(TINY_ARCHITECTURES[1])
+    model = MagnitudePruning().apply(copy.deepcopy(task.teacher), MagnitudePruningConfig(default_sparsity=0.5),
+                                     TechniqueContext(task=task))
+    config, ctx = KMeansConfig(fc_bits=3), TechniqueContext(task=task)
+    model = KMEANS.apply(model, config, ctx)
+    for name, spec in ctx.structure["layers"].items():
+        clustered = model.get_submodule(name)
+        old = ClusteredLayer(task.teacher.get_submodule(name), 3, True, "packed")
+        with torch.no_grad():
+            old.codebook.copy_(clustered.codebook)
+            old.bias.copy_(clustered.bias)
+        old.set_codes(clustered.code_index)
+        replace_module(model, name, old)
+        del spec["storage"]
+    rows = _saved_rows(model, task, config, ctx, tmp_path / "old.slim")
+    assert rows["1.codes"]["shape"] == [(64 * 144 * 3 + 7) // 8]
+    loaded = load_model(tmp_path / "old.slim", Plugins(load_entry_points=False).registry).model
+    assert loaded[1].storage == "packed"
+    x = task.split("val")[:][0][:32]
+    with torch.inference_mode():
+        assert torch.equal(model(x), loaded(x))
 
 
 def test_forward_is_the_original_op_on_the_decoded_weight():
