@@ -9,6 +9,7 @@ the same outputs as the one that was saved, and nothing is unpickled.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimforge.core import trust
 from slimforge.core.artifact import read_artifact, write_artifact
-from slimforge.core.errors import ArtifactError
+from slimforge.core.errors import ArtifactError, SlimforgeError
 from slimforge.core.plan import Plan
 from slimforge.core.task import FactoryRef, Task
 from slimforge.core.technique import TechniqueRegistry
@@ -54,24 +56,61 @@ def save_model(model: nn.Module, path: str | Path, *, task: Task, plan: Plan,
         "example_input": {"shape": list(example.shape), "dtype": str(example.dtype).removeprefix("torch.")},
         **(extra or {}),
     }
-    return write_artifact(path, model.state_dict(), meta)
+    size = write_artifact(path, model.state_dict(), meta)
+    # Whoever saves a model with this task trusts its factories: loading it back may call them.
+    trust.remember(meta["architecture"], meta["task"])
+    return size
 
 
-def load_model(path: str | Path, registry: TechniqueRegistry) -> LoadedArtifact:
+MAX_EXAMPLE_ELEMENTS = 1 << 26  # a header's example input is a shape: never allocate gigabytes for it
+
+
+def _example_inputs(meta: dict, path) -> tuple[torch.Tensor]:
+    spec = meta.get("example_input")
+    shape = spec.get("shape") if isinstance(spec, dict) else None
+    if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or math.prod(shape) > MAX_EXAMPLE_ELEMENTS):
+        raise ArtifactError(f"artifact is corrupted: {path} has a malformed example_input entry")
+    return (torch.zeros(shape, dtype=INPUT_DTYPES.get(spec.get("dtype"), torch.float32)),)
+
+
+def load_model(path: str | Path, registry: TechniqueRegistry, *, task: Task | None = None,
+               trusted: bool = False) -> LoadedArtifact:
+    """Rebuild the model saved at ``path``.
+
+    The architecture comes from ``task`` when the caller gives one (its factories are the caller's
+    own); otherwise from the header, whose factory is only called if ``core.trust`` allows it, or
+    ``trusted`` says the caller vouches for the file (e.g. an MLflow model, which is code anyway)."""
     meta, tensors = read_artifact(path)
     if meta.get("kind") != "compressed-model":
         raise ArtifactError(f"{path}: holds a {meta.get('kind', 'unknown')!r}, not a compressed model")
-    plan = Plan.from_dict(meta["plan"])
-    model = FactoryRef.from_dict(meta["architecture"]).call("artifact architecture")
+    try:
+        plan = Plan.from_dict(meta.get("plan", {}))
+    except (SlimforgeError, AttributeError, ValueError) as exc:
+        raise ArtifactError(f"artifact is corrupted: {path} has a malformed plan ({exc})") from None
+    if task is not None:
+        architecture = task.architecture
+    else:
+        if not trusted:
+            trust.check(meta, str(path))
+        architecture = FactoryRef.from_dict(trust.header_refs(meta, str(path))[0])
+    model = architecture.call("artifact architecture")
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"{path}: architecture factory returned {type(model).__name__}, not an nn.Module")
-    dtype = INPUT_DTYPES.get(meta["example_input"]["dtype"], torch.float32)
-    example_inputs = (torch.zeros(meta["example_input"]["shape"], dtype=dtype),)
+    example_inputs = _example_inputs(meta, path)
     model.eval()
     structure = meta.get("structure") or [{} for _ in plan.steps]
+    if not isinstance(structure, list) or len(structure) != len(plan.steps):
+        raise ArtifactError(f"artifact is corrupted: {path} does not record one structure entry per plan step")
     for step, recorded in zip(plan.steps, structure, strict=True):
         technique = registry.get(step.technique)
-        model = technique.restore_structure(model, technique.config_from_dict(step.config), example_inputs, recorded)
+        try:
+            model = technique.restore_structure(model, technique.config_from_dict(step.config), example_inputs, recorded)
+        except SlimforgeError:
+            raise
+        except Exception as exc:  # a header that does not match what the technique recorded
+            raise ArtifactError(f"{path}: cannot restore the structure of step {step.technique!r} "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

@@ -186,6 +186,15 @@ def task_from_table(section: dict[str, Any], base_dir: Path, origin: str) -> Tas
     for key in ("model", "data"):
         if not isinstance(section.get(key), str):
             raise ConfigError(f"[task] {key}: required, a 'module:function' string")
+    for key in ("architecture", "metric", "name", "metric_name"):
+        if key in section and not isinstance(section[key], str):
+            raise ConfigError(f"[task] {key}: expected a string, got {section[key]!r}")
+    for key in ("model_kwargs", "architecture_kwargs", "data_kwargs"):
+        if not isinstance(section.get(key, {}), dict):
+            raise ConfigError(f"[task] {key}: expected a table of keyword arguments, got {section[key]!r}")
+    paths = section.get("python_path", [])
+    if not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
+        raise ConfigError(f"[task] python_path: expected a list of folders, got {paths!r}")
     # Factories usually live next to the config file; make them importable without installing.
     for entry in [base_dir, *(base_dir / p for p in section.get("python_path", []))]:
         if str(entry) not in sys.path:
@@ -204,12 +213,21 @@ def task_from_table(section: dict[str, Any], base_dir: Path, origin: str) -> Tas
     return Task(
         name=section.get("name", Path(origin).stem),
         architecture=architecture_ref,
-        teacher_factory=lambda: model_ref.call("[task] model"),
+        teacher_factory=lambda: _checked_model(model_ref),
         splits=splits,
         metric=metric,
         metric_name=metric_name,
         source={"config": {k: v for k, v in section.items()}, "base_dir": str(base_dir)},
     )
+
+
+def _checked_model(ref: FactoryRef):
+    from torch import nn
+
+    model = ref.call("[task] model")
+    if not isinstance(model, nn.Module):
+        raise TaskError(f"[task] model: {ref.target} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _checked_metric(metric: Callable[[Any, Any], float]) -> Callable[[Any, Any], float]:

@@ -24,7 +24,7 @@ def parse_size(text: str | int | float, field: str = "--max-size") -> int:
         if text <= 0:
             raise ConfigError(f"{field}: must be > 0, got {text}")
         return int(text)
-    match = _SIZE_RE.match(str(text))
+    match = None if isinstance(text, bool) else _SIZE_RE.match(str(text))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _SIZE_UNITS:
         raise ConfigError(f"{field}: cannot parse {text!r}; give bytes or a number with one of "
@@ -37,6 +37,8 @@ def parse_size(text: str | int | float, field: str = "--max-size") -> int:
 
 def parse_positive_float(text, field: str) -> float:
     try:
+        if isinstance(text, bool):
+            raise TypeError
         value = float(text)
     except (TypeError, ValueError):
         raise ConfigError(f"{field}: expected a number, got {text!r}") from None
@@ -85,12 +87,18 @@ class Budgets:
     max_accuracy_drop: float | None = None
 
     @classmethod
-    def parse(cls, *, max_size=None, max_latency=None, min_accuracy=None, max_accuracy_drop=None) -> Budgets:
+    def parse(cls, *, max_size=None, max_latency=None, min_accuracy=None, max_accuracy_drop=None,
+              fields: dict[str, str] | None = None) -> Budgets:
+        """``fields`` names where a value came from in error messages (default: its flag, e.g.
+        ``{"max_size": "[budgets] max_size"}`` for a value read from a config file)."""
+        name = {"max_size": "--max-size", "max_latency": "--max-latency", "min_accuracy": "--min-accuracy",
+                "max_accuracy_drop": "--max-accuracy-drop"} | (fields or {})
         return cls(
-            max_size_bytes=None if max_size is None else parse_size(max_size),
-            max_latency_ms=None if max_latency is None else parse_positive_float(max_latency, "--max-latency"),
-            min_accuracy=None if min_accuracy is None else parse_accuracy(min_accuracy),
-            max_accuracy_drop=None if max_accuracy_drop is None else parse_accuracy_drop(max_accuracy_drop),
+            max_size_bytes=None if max_size is None else parse_size(max_size, name["max_size"]),
+            max_latency_ms=None if max_latency is None else parse_positive_float(max_latency, name["max_latency"]),
+            min_accuracy=None if min_accuracy is None else parse_accuracy(min_accuracy, name["min_accuracy"]),
+            max_accuracy_drop=(None if max_accuracy_drop is None
+                               else parse_accuracy_drop(max_accuracy_drop, name["max_accuracy_drop"])),
         )
 
     def resolve(self, baseline_accuracy: float) -> Budgets:

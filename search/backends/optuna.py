@@ -69,7 +69,9 @@ class OptunaBackend:
             trial = optuna.Trial(self.study, frozen._trial_id)
             if RECORD_ATTR in frozen.user_attrs:
                 record = record_from_dict(json.loads(frozen.user_attrs[RECORD_ATTR]))
-                record.notes.append("recovered on resume: measured before the search was stopped")
+                note = "recovered on resume: measured before the search was stopped"
+                if record.state != FAILED and note not in record.notes:
+                    record.notes.append(note)
             else:
                 plan = json.loads(frozen.user_attrs.get(PLAN_ATTR, "{}"))
                 record = TrialRecord(number=frozen.number, state=FAILED, plan=plan.get("plan", {}),
