@@ -168,7 +168,7 @@ class TrialRunner:
         gains = [b - a for a, b in zip(history, history[1:])]
         projected = log.scores[-1] + epochs_left * max([MIN_EPOCH_GAIN, *gains])
         floor = self.budgets.min_accuracy
-        if floor is not None and projected < floor:
+        if floor is not None and projected < floor - 1e-6:  # a tie in float noise is not a miss
             return (f"stopped after epoch {len(log.scores)}: validation {log.scores[-1]:.4f}, optimistic final "
                     f"{projected:.4f} < min accuracy {floor:.4f}")
         if size_estimate is not None:
