@@ -30,7 +30,7 @@ examples:
 """
 
 SEARCH_KEYS = {"trials", "timeout", "seed", "study", "storage", "out", "techniques", "device",
-               "disable_plugins", "strict_plugins", "workers", "trial_timeout", "trial_memory_limit",
+               "disable_plugins", "strict_plugins", "sampler", "workers", "trial_timeout", "trial_memory_limit",
                "tracking_uri", "tracking", "experiment", "registered_model", "latency_threads",
                "latency_repeats", "latency_batch_size", "backend", "ray_address", "cpus_per_trial",
                "gpus_per_trial", "scheduler"}
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage", help="Optuna storage URL (default: sqlite file OUT/optuna.db)")
     run.add_argument("--out", type=Path, help="output directory (default slimforge-out)")
     run.add_argument("--device", help="cpu (default) or cuda: where training and timing happen")
+    run.add_argument("--sampler", help="tpe (default: multivariate TPE that sees the budgets) or random (baseline)")
     run.add_argument("--workers", type=int, help="trials at once, each in a worker process (default 1: in this process)")
     run.add_argument("--trial-timeout", type=float, help="seconds after which a trial is killed and recorded as "
                                                          "failed (runs trials in a worker process)")
@@ -230,6 +231,7 @@ def _search_settings(args, file_search: dict):
               "tracking_uri": merged.get("tracking_uri"), "tracking": merged.get("tracking"),
               "experiment": merged.get("experiment"), "registered_model": merged.get("registered_model"),
               "progress": not args.no_progress, "latency": latency, "workers": merged.get("workers"),
+              "sampler": merged.get("sampler"),
               "trial_timeout_s": merged.get("trial_timeout"), "backend": merged.get("backend"),
               "ray_address": merged.get("ray_address"), "cpus_per_trial": merged.get("cpus_per_trial"),
               "gpus_per_trial": merged.get("gpus_per_trial"), "scheduler": merged.get("scheduler"),

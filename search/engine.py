@@ -81,6 +81,7 @@ class SearchSettings:
     experiment: str = "slimforge"
     registered_model: str | None = None  # None: "<task>-compressed"
     progress: bool = True
+    sampler: str = "tpe"  # Optuna sampler: tpe (multivariate TPE with constraints) or random
     workers: int = 1  # trials at once, each in its own worker process when > 1
     trial_timeout_s: float | None = None  # kill a trial (its worker process) after this many seconds
     trial_memory_limit: int | None = None  # bytes of extra address space a worker may use
@@ -244,7 +245,7 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
     try:
         # Trials a killed search left RUNNING are closed below, once the trackers have started.
         backend = OptunaBackend(storage=settings.storage, study_name=settings.study, seed=settings.seed, budgets=budgets,
-                                close_interrupted=False)
+                                close_interrupted=False, sampler_name=settings.sampler)
         plugins.configure(settings.to_dict())
         plugins.search_start(settings=settings.to_dict() | {"budgets": budgets.to_dict()}, task=task, baseline=baseline)
         _close_interrupted(backend, plugins)

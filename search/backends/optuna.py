@@ -12,7 +12,7 @@ import json
 import logging
 import warnings
 
-from slimforge.core.errors import MissingDependencyError
+from slimforge.core.errors import MissingDependencyError, UnknownNameError
 from slimforge.search.budgets import Budgets
 from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord, record_from_dict
 
@@ -23,13 +23,14 @@ except ImportError as exc:  # pragma: no cover - optuna is a core dependency, bu
 
 DIRECTIONS = ("maximize", "minimize", "minimize")  # accuracy, size_bytes, latency_ms
 RECORD_ATTR = "slimforge_record"
+SAMPLERS = ("tpe", "random")
 PLAN_ATTR = "slimforge_plan"
 INTERRUPTED = "interrupted (the search was stopped while this trial ran)"
 
 
 class OptunaBackend:
     def __init__(self, *, storage: str, study_name: str, seed: int, budgets: Budgets, n_startup_trials: int = 8,
-                 close_interrupted: bool = True):
+                 close_interrupted: bool = True, sampler_name: str = "tpe"):
         """``close_interrupted``: close trials a killed search left RUNNING (see ``interrupted``).
         A worker joining a study that other workers are running passes False: their trials are
         running, not interrupted.  ``run_search`` passes False too and closes them itself, after
@@ -38,7 +39,12 @@ class OptunaBackend:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self.budgets = budgets
 
+        if sampler_name not in SAMPLERS:
+            raise UnknownNameError("--sampler", sampler_name, SAMPLERS)
+
         def sampler(seed):
+            if sampler_name == "random":  # the baseline a model-based sampler has to beat
+                return optuna.samplers.RandomSampler(seed=seed)
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True)
 
         self.study = optuna.create_study(storage=storage, study_name=study_name, directions=list(DIRECTIONS),
