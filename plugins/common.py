@@ -21,6 +21,25 @@ def replace_module(model: nn.Module, qualified_name: str, new: nn.Module) -> Non
     setattr(parent, child, new)
 
 
+# --- per-layer settings: a layer an earlier step split keeps the setting chosen for its parent ---
+
+def setting_for(layer: str, settings: dict[str, float]):
+    """The setting of ``layer`` or of its nearest named ancestor: a layer an earlier step split
+    (low_rank turns ``fc1`` into ``fc1.0`` / ``fc1.1``) inherits the setting chosen for ``fc1``."""
+    parts = layer.split(".")
+    for end in range(len(parts), 0, -1):
+        name = ".".join(parts[:end])
+        if name in settings:
+            return settings[name]
+    return None
+
+
+def unmatched_settings(settings: dict[str, float], layers: dict[str, nn.Module]) -> list[str]:
+    """Configured names that are neither a weight layer nor an ancestor of one."""
+    return [name for name in settings
+            if not any(layer == name or layer.startswith(name + ".") for layer in layers)]
+
+
 # --- masks: pruning and sparsity keep zeros through recovery training ---------------------------
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], ctx: TechniqueContext) -> None:

@@ -42,7 +42,8 @@ from torch import nn
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import WEIGHT_LAYERS, pack_bits, packed_size, replace_module, unpack_bits, weight_layers
+from slimforge.plugins.common import (WEIGHT_LAYERS, pack_bits, packed_size, replace_module, setting_for,
+                                      unmatched_settings, unpack_bits, weight_layers)
 
 BIT_CHOICES = (2, 4, 8)  # what the search samples; a config may name any width in BIT_RANGE
 BIT_RANGE = (2, 8)  # 1 bit has no symmetric grid containing 0 and +-s
@@ -203,17 +204,6 @@ def execution_order(model: nn.Module, example_inputs) -> list[str]:
     return seen + [name for name in layers if name not in seen]
 
 
-def _configured_bits(name: str, config: WeightOnlyQuantConfig) -> int:
-    """A layer an earlier step split (factorised ``fc1`` -> ``fc1.0``, ``fc1.1``) inherits the bits
-    the search chose for the teacher's ``fc1``."""
-    parts = name.split(".")
-    for cut in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:cut])
-        if prefix in config.bits:
-            return config.bits[prefix]
-    return config.default_bits
-
-
 class WeightOnlyQuant(Technique):
     name = "weight_only_quant"
     family = Family.QUANTIZATION
@@ -236,7 +226,7 @@ class WeightOnlyQuant(Technique):
         """Bit width of every layer to quantize, ends included; notes the layers left alone."""
         note = ctx.note if ctx is not None else (lambda _msg: None)
         order = execution_order(model, example_inputs)
-        for name in sorted(set(config.bits) - {p for n in order for p in _prefixes(n)}):
+        for name in sorted(unmatched_settings(config.bits, dict.fromkeys(order))):
             note(f"weight_only_quant: layer {name!r} not found in the model; ignored")
         ends = {order[0], order[-1]} if config.keep_ends_8bit and order else set()
         chosen = {}
@@ -245,7 +235,8 @@ class WeightOnlyQuant(Technique):
             if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.padding_mode != "zeros":
                 note(f"weight_only_quant: layer {name!r} has padding_mode={layer.padding_mode!r}; left in float32")
                 continue
-            chosen[name] = END_BITS if name in ends else _configured_bits(name, config)
+            configured = setting_for(name, config.bits)
+            chosen[name] = END_BITS if name in ends else (config.default_bits if configured is None else configured)
         for name, module in model.named_modules():
             weight = getattr(module, "weight", None)
             if (type(module) not in WEIGHT_LAYERS and isinstance(weight, torch.Tensor) and weight.dim() >= 2
@@ -271,11 +262,6 @@ class WeightOnlyQuant(Technique):
             replace_module(model, name, WeightOnlyQuantized(model.get_submodule(name), int(b), config.symmetric,
                                                             config.dequantize_once))
         return model
-
-
-def _prefixes(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:cut]) for cut in range(1, len(parts) + 1)]
 
 
 @hookimpl

@@ -18,27 +18,11 @@ from torch import nn
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.technique import Family, Stage, TechniqueContext
-from slimforge.plugins.common import MaskedTechnique, apply_masks, keep_top, weight_layers
+from slimforge.plugins.common import (MaskedTechnique, apply_masks, keep_top, setting_for, unmatched_settings,
+                                      weight_layers)
 
 # Same prior as magnitude_pruning, so both searches spend their trials at the same sizes.
 from slimforge.plugins.pruning.magnitude import DENSITY_RANGE
-
-
-def setting_for(layer: str, settings: dict[str, float]):
-    """The setting of ``layer`` or of its nearest named ancestor: a layer an earlier step split
-    (low_rank turns ``fc1`` into ``fc1.0`` / ``fc1.1``) inherits the setting chosen for ``fc1``."""
-    parts = layer.split(".")
-    for end in range(len(parts), 0, -1):
-        name = ".".join(parts[:end])
-        if name in settings:
-            return settings[name]
-    return None
-
-
-def unmatched_settings(settings: dict[str, float], layers: dict[str, nn.Module]) -> list[str]:
-    """Configured names that are neither a weight layer nor an ancestor of one."""
-    return [name for name in settings
-            if not any(layer == name or layer.startswith(name + ".") for layer in layers)]
 
 
 @dataclass(frozen=True, kw_only=True)
