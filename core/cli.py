@@ -32,7 +32,7 @@ examples:
 SEARCH_KEYS = {"trials", "timeout", "seed", "study", "storage", "out", "techniques", "device",
                "disable_plugins", "strict_plugins", "sampler", "workers", "trial_timeout", "trial_memory_limit",
                "tracking_uri", "tracking", "experiment", "registered_model", "latency_threads",
-               "latency_repeats", "latency_batch_size", "backend", "ray_address", "cpus_per_trial",
+               "latency_repeats", "latency_batch_size", "latency_cuda_graph", "backend", "ray_address", "cpus_per_trial",
                "gpus_per_trial", "scheduler"}
 BUDGET_KEYS = {"max_size", "max_latency", "min_accuracy", "max_accuracy_drop"}
 # The TOML type each [search] key takes (checked before use: a wrong type is a one-line error).
@@ -41,7 +41,7 @@ _INT, _NUMBER, _BOOL, _TEXT = ("an integer", (int,)), ("a number", (int, float))
 SEARCH_KEY_TYPES = {
     "trials": _INT, "seed": _INT, "workers": _INT, "latency_threads": _INT, "latency_repeats": _INT,
     "latency_batch_size": _INT, "timeout": _NUMBER, "trial_timeout": _NUMBER, "cpus_per_trial": _NUMBER,
-    "gpus_per_trial": _NUMBER, "strict_plugins": _BOOL, "tracking": _BOOL, "study": _TEXT, "storage": _TEXT,
+    "gpus_per_trial": _NUMBER, "latency_cuda_graph": _BOOL, "strict_plugins": _BOOL, "tracking": _BOOL, "study": _TEXT, "storage": _TEXT,
     "out": _TEXT, "device": _TEXT, "tracking_uri": _TEXT, "experiment": _TEXT, "registered_model": _TEXT,
     "backend": _TEXT, "ray_address": _TEXT, "scheduler": _TEXT,
     "techniques": ("a list of names or a comma-separated string", (list, str)),
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--latency-threads", type=int, help="CPU threads while timing (default 1)")
     run.add_argument("--latency-repeats", type=int, help="timed repeats after warm-up (default 100)")
     run.add_argument("--latency-batch-size", type=int, help="batch size timed (default 1)")
+    run.add_argument("--latency-cuda-graph", action="store_true", default=None,
+                     help="with --device cuda: time replays of a captured CUDA graph (what a server using graphs "
+                          "pays) instead of eager launches, which for small models are mostly launch overhead")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     scale = search.add_argument_group("search at scale")
     scale.add_argument("--backend", choices=("optuna", "ray"),
@@ -222,7 +225,7 @@ def _search_settings(args, file_search: dict):
     if args.no_tracking:
         merged["tracking"] = False
     techniques, disabled = (_name_list(merged.get(key)) for key in ("techniques", "disable_plugins"))
-    latency = LatencySettings(**{k: merged.pop(f"latency_{k}") for k in ("threads", "repeats", "batch_size")
+    latency = LatencySettings(**{k: merged.pop(f"latency_{k}") for k in ("threads", "repeats", "batch_size", "cuda_graph")
                                  if f"latency_{k}" in merged})
     kwargs = {"trials": merged.get("trials"), "timeout_s": merged.get("timeout"), "seed": merged.get("seed"),
               "study": merged.get("study"), "storage": merged.get("storage"), "out_dir": merged.get("out"),

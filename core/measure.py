@@ -24,6 +24,10 @@ class LatencySettings:
     warmup: int = 20
     repeats: int = 100
     threads: int = 1  # pinned so numbers compare across trials on a shared machine
+    # CUDA only: time replays of a captured CUDA graph instead of eager launches.  For a small model
+    # at batch 1 the eager forward is mostly kernel-launch overhead, which a deployment serving
+    # through graphs does not pay; the number then says what the GPU itself takes.
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "repeats", "threads"):
@@ -31,6 +35,8 @@ class LatencySettings:
                 raise ConfigError(f"latency {name}: must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ConfigError(f"latency warmup: must be >= 0, got {self.warmup}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ConfigError(f"latency cuda_graph: must be true or false, got {self.cuda_graph!r}")
 
 
 @dataclass(frozen=True)
@@ -70,21 +76,27 @@ def evaluate(model: torch.nn.Module, dataset, metric, device: str = "cpu", batch
 
 
 def time_forward(model, example_inputs, device: str, settings: LatencySettings) -> LatencyStats:
-    """Median wall time of one forward pass after warm-up; CUDA events on GPUs."""
+    """Median wall time of one forward pass after warm-up; CUDA events on GPUs (around graph
+    replays with ``settings.cuda_graph``)."""
     model.eval()
     inputs = tuple(t.to(device) for t in example_inputs)
+    on_gpu = device.startswith("cuda")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
         with torch.inference_mode():
             for _ in range(settings.warmup):
                 model(*inputs)
-            samples = (_cuda_samples if device.startswith("cuda") else _cpu_samples)(model, inputs, settings.repeats)
+            if on_gpu and settings.cuda_graph:
+                samples, method = _cuda_graph_samples(model, inputs, settings.repeats), "cuda-events, cuda-graph replay"
+            elif on_gpu:
+                samples, method = _cuda_samples(model, inputs, settings.repeats), "cuda-events"
+            else:
+                samples, method = _cpu_samples(model, inputs, settings.repeats), f"perf_counter, {settings.threads} thread(s)"
     finally:
         torch.set_num_threads(previous_threads)
     samples.sort()
     decile = max(0, len(samples) // 10)
-    method = "cuda-events" if device.startswith("cuda") else f"perf_counter, {settings.threads} thread(s)"
     return LatencyStats(statistics.median(samples), samples[decile], samples[-1 - decile],
                         settings.repeats, device, method)
 
@@ -104,6 +116,37 @@ def _cuda_samples(model, inputs, repeats: int) -> list[float]:
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         model(*inputs)
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(begin.elapsed_time(end))
+    return samples
+
+
+def _cuda_graph_samples(model, inputs, repeats: int) -> list[float]:
+    """Capture one forward pass as a CUDA graph, then time its replays with CUDA events.
+
+    Capture runs on a side stream after a few warm-up passes there (PyTorch's documented recipe:
+    lazy initialisations must not happen inside the capture).  A model that cannot be captured
+    (host synchronisation, data-dependent shapes) raises: the caller asked for graph timing and
+    must not silently get eager numbers under that name."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            model(*inputs)
+    except RuntimeError as exc:
+        raise ConfigError(f"--latency-cuda-graph: this model cannot be captured as a CUDA graph "
+                          f"({str(exc).splitlines()[0]}); time it without --latency-cuda-graph") from exc
+    samples = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
         end.record()
         torch.cuda.synchronize()
         samples.append(begin.elapsed_time(end))

@@ -102,6 +102,8 @@ class SearchSettings:
             raise ConfigError(f"--timeout: must be > 0 seconds, got {self.timeout_s}")
         if self.device.split(":")[0] not in DEVICES:
             raise ConfigError(f"--device: unknown {self.device!r}; valid choices: {', '.join(DEVICES)}")
+        if self.latency.cuda_graph and not self.device.startswith("cuda"):
+            raise ConfigError("--latency-cuda-graph: CUDA graphs need --device cuda")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend: unknown {self.backend!r}; valid choices: {', '.join(BACKENDS)}")
         if self.scheduler not in SCHEDULERS:

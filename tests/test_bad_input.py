@@ -136,6 +136,7 @@ CASES = [
     Case("option value of the wrong type", "slimforge search --trials many", [*SEARCH, "--trials", "many"]),
     Case("zero trials", "slimforge search --trials 0", [*SEARCH, "--trials", "0"]),
     Case("unknown device", "slimforge search --device tpu", [*SEARCH, "--device", "tpu"]),
+    Case("CUDA-graph timing on the CPU", "slimforge search --latency-cuda-graph", [*SEARCH, "--latency-cuda-graph"]),
     Case("zero workers", "slimforge search --workers 0", [*SEARCH, "--workers", "0"]),
     Case("negative trial timeout", "slimforge search --trial-timeout -5", [*SEARCH, "--trial-timeout=-5"]),
     Case("memory limit without a valid unit", "slimforge search --trial-memory-limit lots",
