@@ -168,6 +168,9 @@ class SearchContext:
     task: Task
     settings: SearchSettings  # resolved
     baseline: Measurements
+    # Per trial run by this process's loop: wall seconds from asking the backend for it to its
+    # record being stored.  Minus the trial's own duration_s, that is the loop's overhead.
+    loop_seconds: dict[int, float] = field(default_factory=dict)
 
 
 def _log(message: str) -> None:
@@ -254,8 +257,9 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         # Only now may `slimforge worker`s join: a worker's RUNNING trial is not an interrupted one.
         _store_settings(backend, task, runner, settings, baseline)
         runner.history.extend(record_from_dict(r) for r in backend.records())
-        run_trials(SearchContext(backend=backend, planner=planner, runner=runner, plugins=plugins, task=task,
-                                 settings=settings, baseline=baseline))
+        ctx = SearchContext(backend=backend, planner=planner, runner=runner, plugins=plugins, task=task,
+                            settings=settings, baseline=baseline)
+        run_trials(ctx)
         _wait_for_other_workers(backend)
         records = [record_from_dict(r) for r in backend.records()]
         if tracker is not None:
@@ -265,7 +269,7 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
             member.test_measurements = runner.measure(member.artifact_path, "test")
         result = SearchResult(study_name=settings.study, task=task.name, budgets=budgets.to_dict(),
                               baseline=baseline, baseline_test=baseline_test, trials=records, pareto=pareto,
-                              settings=settings.to_dict(), metric=task.metric_name)
+                              settings=settings.to_dict(), metric=task.metric_name, loop_seconds=ctx.loop_seconds)
         write_reports(result, settings.out_dir)  # before search_end: trackers attach these files
         plugins.search_end(result)
     finally:
@@ -444,6 +448,7 @@ def _run_trials(ctx: SearchContext) -> None:
     running: dict[int, tuple[object, dict, str, float]] = {}  # number -> (trial, plan, text, started)
 
     def launch():
+        asked = time.monotonic()
         if _counted(backend.study) >= settings.trials:
             return None
         trial = backend.ask()
@@ -452,7 +457,7 @@ def _run_trials(ctx: SearchContext) -> None:
         plan = planner.sample(OptunaSuggester(trial), task, seed=settings.seed + trial.number)
         backend.started(trial, plan.to_dict(), plan.describe())  # a kill now still leaves the plan
         plugins.trial_start(trial.number, plan)
-        running[trial.number] = (trial, plan.to_dict(), plan.describe(), time.monotonic())
+        running[trial.number] = (trial, plan.to_dict(), plan.describe(), asked)
         return trial, plan
 
     progress = Progress(ctx, done)
@@ -485,6 +490,7 @@ def _run_trials(ctx: SearchContext) -> None:
                     record = failed_record(number, plan_dict, plan_text, failure, time.monotonic() - began)
                 finish_trial(backend, plugins, trial, record)
                 progress.finished()
+                ctx.loop_seconds[number] = time.monotonic() - began
     finally:
         progress.close()
         if pool is not None:
@@ -530,7 +536,9 @@ def _make_pool(task: Task, runner: TrialRunner, settings: SearchSettings):
                           memory_limit_bytes=settings.trial_memory_limit)
     _log(f"starting {settings.workers} worker process(es)"
          + (f"; per-trial timeout {settings.trial_timeout_s:g} s" if settings.trial_timeout_s else ""))
-    return ProcessPool(settings.workers, config, settings.trial_timeout_s)
+    pool = ProcessPool(settings.workers, config, settings.trial_timeout_s)
+    pool.wait_ready()
+    return pool
 
 
 # --- joining a running search from another process or host -------------------------------------
@@ -626,7 +634,7 @@ def write_reports(result: SearchResult, out_dir: Path) -> None:
 def write_summary(result: SearchResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = result.to_dict()
-    data["search_summary"] = search_summary(result.trials, result.baseline)
+    data["search_summary"] = search_summary(result.trials, result.baseline) | {"loop_overhead_s": result.loop_overhead()}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)

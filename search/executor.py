@@ -18,6 +18,7 @@ import fcntl
 import multiprocessing as mp
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -140,10 +141,28 @@ class ProcessPool:
         worker.job = (handle, number, time.monotonic())
         worker.parent.send((plan, number, history))
 
+    def wait_ready(self, timeout_s: float = 600.0) -> None:
+        """Block until every worker has loaded the task (or died: ``poll`` reports that), so that
+        start-up is paid once, before the first trial, and not inside any trial's time."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            waiting = [w for w in self.workers if not w.ready and w.process.is_alive()]
+            if not waiting:
+                return
+            wait([w.parent for w in waiting] + [w.process.sentinel for w in waiting], timeout=1.0)
+            for worker in waiting:
+                while not worker.ready and worker.parent.poll():
+                    try:
+                        kind, _ = worker.parent.recv()
+                    except EOFError:
+                        break
+                    worker.ready = kind == "ready"
+
     def poll(self, wait_s: float = 0.2) -> list[tuple[Any, TrialRecord | None, str | None]]:
-        """Finished jobs as (handle, record or None, failure reason or None)."""
+        """Finished jobs as (handle, record or None, failure reason or None).  Returns as soon as
+        a worker sends something or exits, else after ``wait_s`` (to check timeouts)."""
         done = []
-        time.sleep(wait_s)
+        wait([w.parent for w in self.workers] + [w.process.sentinel for w in self.workers], timeout=wait_s)
         for index, worker in enumerate(self.workers):
             while worker.parent.poll():
                 try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,6 +49,18 @@ class SearchResult:
     settings: dict[str, Any] = field(default_factory=dict)
     links: dict[str, Any] = field(default_factory=dict)
     metric: str = "accuracy"  # name of the task metric that the "accuracy" fields hold
+    loop_seconds: dict[int, float] = field(default_factory=dict)  # see SearchContext.loop_seconds
+
+    def loop_overhead(self) -> dict[str, float] | None:
+        """Per-trial time the search loop spent outside the trial itself (asking and telling the
+        study, planning, handing the trial to a worker and getting its record back, tracking,
+        the progress bar): loop seconds minus the trial's own ``duration_s``, which holds apply,
+        fine-tune, evaluate, save and measure.  None when this process ran no trial."""
+        by_number = {r.number: r for r in self.trials}
+        extra = sorted(seconds - by_number[n].duration_s for n, seconds in self.loop_seconds.items() if n in by_number)
+        if not extra:
+            return None
+        return {"median": statistics.median(extra), "max": extra[-1], "trials": len(extra)}
 
     def counts(self) -> dict[str, int]:
         out = {COMPLETE: 0, REJECTED: 0, FAILED: 0}

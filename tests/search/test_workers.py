@@ -16,7 +16,7 @@ from slimforge.core.cli import main
 from slimforge.core.measure import Measurements
 from slimforge.search.engine import (SURPLUS_ATTR, WORKER_ATTR, SearchSettings, claim_trial, feasible_hypervolume,
                                      search_summary)
-from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord
+from slimforge.search.records import COMPLETE, FAILED, REJECTED, SearchResult, TrialRecord
 
 STUDY = "shared"
 
@@ -59,6 +59,10 @@ def test_a_worker_process_shares_the_searchs_trials(tmp_path, subprocess_env, sl
     ran = int(worker.stdout.split("worker ran ")[1].split()[0])
     assert 0 <= ran <= 4
     assert len(runners) == (1 if ran in (0, 4) else 2), (ran, runners)
+    # The loop overhead covers the trials this process ran, and is never negative: a trial run in
+    # the search's process lies inside its loop time.
+    overhead = summary["search_summary"]["loop_overhead_s"]
+    assert (overhead is None) if ran == 4 else (overhead["trials"] == 4 - ran and 0 <= overhead["median"] <= overhead["max"])
     # The search logged the worker's trials too: one nested MLflow run per trial.
     assert all(t["links"].get("mlflow_run_id") or t["links"].get("mlflow_pending") for t in summary["trials"])
 
@@ -101,6 +105,19 @@ def _record(number, state=COMPLETE, feasible=True, accuracy=0.9, size=500, laten
     return TrialRecord(number=number, state=state, plan={}, plan_text="", feasible=feasible and measured,
                        measurements=Measurements(accuracy=accuracy, size_bytes=size, latency_ms=latency)
                        if measured else None)
+
+
+def test_loop_overhead_is_loop_time_minus_the_trials_own_time():
+    records = [_record(n) for n in range(4)]
+    for record, own in zip(records, (1.0, 2.0, 3.0, 4.0)):
+        record.duration_s = own
+    result = SearchResult(study_name="s", task="t", budgets={}, baseline=BASELINE, baseline_test=BASELINE,
+                          trials=records, pareto=[], loop_seconds={0: 1.1, 1: 2.3, 2: 3.2, 9: 5.0})
+    overhead = result.loop_overhead()  # trial 3 ran elsewhere (no loop time); 9 is not a record
+    assert overhead["trials"] == 3
+    assert overhead["median"] == pytest.approx(0.2) and overhead["max"] == pytest.approx(0.3)
+    assert SearchResult(study_name="s", task="t", budgets={}, baseline=BASELINE, baseline_test=BASELINE,
+                        trials=records, pareto=[]).loop_overhead() is None
 
 
 def test_hypervolume_is_over_normalised_objectives_with_reference_1_1():
