@@ -20,14 +20,23 @@ class PlanStep:
 
 @dataclass(frozen=True)
 class Recovery:
-    """Fine-tuning after the structural stages.  ``epochs == 0`` means none."""
+    """Fine-tuning after the structural stages.  ``epochs == 0`` means none.
+
+    ``before_sharing_epochs`` retrains the pruned (or sparsified, factorized, student) model before
+    a weight-sharing step clusters or merges its weights, as Deep Compression does (prune ->
+    retrain -> cluster -> retrain): centroids drawn from retrained weights lose less.  That first
+    phase trains with the task loss, holding pruning masks; distillation losses join in the main
+    phase.  Planned only when a plan has a sharing step after another structural one."""
 
     epochs: int = 0
     lr: float = 1e-3
+    before_sharing_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise ConfigError(f"recovery.epochs: must be >= 0, got {self.epochs}")
+        if self.before_sharing_epochs < 0:
+            raise ConfigError(f"recovery.before_sharing_epochs: must be >= 0, got {self.before_sharing_epochs}")
         if not self.lr > 0:
             raise ConfigError(f"recovery.lr: must be > 0, got {self.lr}")
 
@@ -51,14 +60,19 @@ class Plan:
             args = ",".join(f"{k}={_short(v)}" for k, v in step.config.items())
             parts.append(f"{step.technique}({args})" if args else step.technique)
         text = " > ".join(parts)
+        if self.recovery.before_sharing_epochs:
+            text += f" + retrain {self.recovery.before_sharing_epochs}ep before sharing"
         if self.recovery.epochs:
             text += f" + finetune {self.recovery.epochs}ep"
         return text
 
     def to_dict(self) -> dict[str, Any]:
+        recovery = {"epochs": self.recovery.epochs, "lr": self.recovery.lr}
+        if self.recovery.before_sharing_epochs:  # absent when 0: plans from before the field stay byte-identical
+            recovery["before_sharing_epochs"] = self.recovery.before_sharing_epochs
         return {
             "steps": [{"technique": s.technique, "config": s.config} for s in self.steps],
-            "recovery": {"epochs": self.recovery.epochs, "lr": self.recovery.lr},
+            "recovery": recovery,
             "seed": self.seed,
         }
 

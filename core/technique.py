@@ -56,6 +56,14 @@ class Stage(enum.IntEnum):
     QUANTIZATION = 70
 
 
+def retrains_before_sharing(stages) -> bool:
+    """Whether a plan with steps at these stages has a phase to retrain before sharing: a sharing
+    step (clustering, merging) after an earlier structural one (student, pruning, factorization,
+    sparsity), as in Deep Compression's prune -> retrain -> cluster."""
+    stages = list(stages)
+    return any(s < Stage.SHARING for s in stages) and any(Stage.SHARING <= s < Stage.TRAINING for s in stages)
+
+
 def family_name(family: Family | str) -> str:
     """``Family.PRUNING`` and ``"pruning"`` both -> ``"pruning"`` (third-party families are strings)."""
     return family.value if isinstance(family, Family) else str(family)

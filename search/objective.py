@@ -18,7 +18,7 @@ from slimforge.core.compressed import load_model, save_model
 from slimforge.core.errors import SlimforgeError, TrialRejected
 from slimforge.core.manager import Plugins
 from slimforge.core.measure import LatencySettings, Measurements, evaluate
-from slimforge.core.plan import Plan
+from slimforge.core.plan import Plan, Recovery
 from slimforge.core.recovery import AppliedStep, RecoveryLog, TeacherOutputs, recover
 from slimforge.core.task import Task
 from slimforge.core.technique import Stage, TechniqueContext
@@ -106,22 +106,30 @@ class TrialRunner:
         return model, applied
 
     def _split_steps(self, plan: Plan):
-        structural = [s for s in plan.steps if self.plugins.registry.get(s.technique).stage < Stage.RECOVERY]
-        finishing = [s for s in plan.steps if self.plugins.registry.get(s.technique).stage >= Stage.RECOVERY]
-        return structural, finishing
+        """(before sharing, sharing and training-only, finishing) steps.  The first two are
+        structural (applied before recovery); the middle group is empty unless the plan retrains
+        before sharing, in which case it starts at the first sharing step."""
+        stage = {s.technique: self.plugins.registry.get(s.technique).stage for s in plan.steps}
+        structural = [s for s in plan.steps if stage[s.technique] < Stage.RECOVERY]
+        finishing = [s for s in plan.steps if stage[s.technique] >= Stage.RECOVERY]
+        if not plan.recovery.before_sharing_epochs:
+            return structural, [], finishing
+        return ([s for s in structural if stage[s.technique] < Stage.SHARING],
+                [s for s in structural if stage[s.technique] >= Stage.SHARING], finishing)
 
     def _run(self, plan: Plan, record: TrialRecord) -> None:
         torch.manual_seed(plan.seed)
         artifact = self.artifact_dir / f"trial-{record.number:04d}.slim"
-        structural, finishing = self._split_steps(plan)
-        model, applied = self._apply(copy.deepcopy(self.task.teacher), structural, plan, record)
+        before_sharing, sharing, finishing = self._split_steps(plan)
+        model, applied = self._apply(copy.deepcopy(self.task.teacher), before_sharing, plan, record)
 
         size_estimate = None
         if plan.recovery.epochs > 0:
             # Structure fixes the size up to entropy-coding noise: finish a copy now and reject
             # the plan before paying for fine-tuning if its file would already be too big.  The
             # estimate also feeds the early-stopping dominance rule.
-            estimate_model, estimate_applied = self._apply(copy.deepcopy(model), finishing, plan, TrialRecord(0, "", {}, ""))
+            estimate_model, estimate_applied = self._apply(copy.deepcopy(model), sharing + finishing, plan,
+                                                           TrialRecord(0, "", {}, ""))
             estimate_path = artifact.with_suffix(".estimate.slim")
             try:
                 size_estimate = save_model(estimate_model, estimate_path, task=self.task, plan=plan,
@@ -136,12 +144,22 @@ class TrialRunner:
                                     "rejected untrained")
 
         val = self.task.split("val")
+        retrain_seconds = 0.0
+        if sharing:
+            retrain = recover(model, applied, self.task.split("train"),
+                              Recovery(epochs=plan.recovery.before_sharing_epochs, lr=plan.recovery.lr),
+                              device=self.device, seed=plan.seed, teacher_outputs=self.teacher_outputs)
+            retrain_seconds = retrain.seconds
+            record.notes.append(f"retrained {plan.recovery.before_sharing_epochs} epoch(s) before sharing "
+                                f"(loss per epoch {', '.join(f'{x:.4f}' for x in retrain.losses)})")
+            model, shared = self._apply(model, sharing, plan, record)
+            applied += shared
         log = RecoveryLog() if plan.recovery.epochs == 0 else recover(model, applied, self.task.split("train"), plan.recovery, device=self.device, seed=plan.seed,
                       teacher_outputs=self.teacher_outputs,
                       score=lambda m: evaluate(m, val, self.task.metric, device=self.device),
                       should_stop=lambda log, left: self.early_stop(log, left, size_estimate))
         record.epoch_losses, record.epoch_scores = log.losses, log.scores
-        record.stopped_early, record.training_seconds = log.stopped_early, log.seconds
+        record.stopped_early, record.training_seconds = log.stopped_early, retrain_seconds + log.seconds
         model, finished = self._apply(model.to("cpu") if finishing else model, finishing, plan, record)
         save_model(model, artifact, task=self.task, plan=plan, structure=[s.ctx.structure for s in applied + finished])
         record.artifact_path = str(artifact)

@@ -19,11 +19,12 @@ from collections.abc import Iterable
 from slimforge.core.errors import ConfigError
 from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.task import Task
-from slimforge.core.technique import Technique, TechniqueRegistry, family_name
+from slimforge.core.technique import Technique, TechniqueRegistry, family_name, retrains_before_sharing
 from slimforge.search.space import Suggester, scoped
 
 RECOVERY_EPOCHS = (1, 3)
 RECOVERY_LR = (1e-4, 3e-3)
+BEFORE_SHARING_EPOCHS = (0, 3)  # 0 keeps the one-phase plan: the search decides whether retraining pays
 
 
 class Planner:
@@ -77,8 +78,12 @@ class Planner:
             if wanted:
                 low, high = min(r[0] for r in wanted), max(r[1] for r in wanted)
                 name = f"recovery.epochs[{low}-{high}]"
+            before_sharing = 0
+            if retrains_before_sharing(t.stage for t in chosen):
+                before_sharing = space.suggest_int("recovery.before_sharing_epochs", *BEFORE_SHARING_EPOCHS)
             recovery = Recovery(epochs=space.suggest_int(name, low, high),
-                                lr=space.suggest_float("recovery.lr", *RECOVERY_LR, log=True))
+                                lr=space.suggest_float("recovery.lr", *RECOVERY_LR, log=True),
+                                before_sharing_epochs=before_sharing)
         return Plan(steps=tuple(steps), recovery=recovery, seed=seed)
 
     @staticmethod

@@ -83,6 +83,27 @@ def test_same_plan_under_a_generous_budget_is_trained_and_measured(tiny_task, tm
     assert evaluate(loaded.model, tiny_task.split("val"), tiny_task.metric) == record.measurements.accuracy
 
 
+def test_retraining_before_sharing_trains_the_pruned_model_then_clusters_it(tiny_task, tmp_path, recover_calls):
+    """prune -> retrain 2 epochs (masks held) -> k-means -> fine-tune 1 epoch: two recovery calls in
+    that order, the pruned zeros survive both phases and clustering, and the artifact loads back
+    to the measured accuracy."""
+    plan = Plan(steps=(PlanStep("magnitude_pruning", {"sparsity": {}, "default_sparsity": 0.7}),
+                       PlanStep("kmeans_clustering", {"conv_bits": 4, "fc_bits": 3})),
+                recovery=Recovery(epochs=1, lr=1e-3, before_sharing_epochs=2), seed=0)
+    record = _runner(tiny_task, tmp_path).run(plan, number=0)
+    assert record.state == "complete", record.failure_reason
+    assert recover_calls == [Recovery(epochs=2, lr=1e-3), plan.recovery]
+    assert any(note.startswith("retrained 2 epoch(s) before sharing") for note in record.notes)
+    assert len(record.epoch_losses) == 1  # the main phase's record; the retrain is in the note
+    loaded = load_model(record.artifact_path, Plugins(load_entry_points=False).registry)
+    assert evaluate(loaded.model, tiny_task.split("val"), tiny_task.metric) == record.measurements.accuracy
+    with torch.no_grad():
+        weights = [m.decoded_weight() for m in loaded.model.modules() if hasattr(m, "decoded_weight")]
+    assert weights
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros >= 0.69, zeros  # 70 % pruned before clustering, still zero after it and both trainings
+
+
 def test_plan_without_training_is_measured_not_rejected(tiny_task, tmp_path, recover_calls):
     plan = Plan(steps=(PRUNE_THEN_INT8.steps[1],))
     record = _runner(tiny_task, tmp_path, Budgets(max_size_bytes=200)).run(plan, number=1)

@@ -12,7 +12,7 @@ from slimforge.core.plan import Plan, Recovery
 from slimforge.core.technique import Family, Stage, Technique, TechniqueRegistry
 from slimforge.plugins.pruning.magnitude import MagnitudePruning
 from slimforge.plugins.quantization.int8_ptq import Int8PTQ
-from slimforge.search.planner import RECOVERY_EPOCHS, RECOVERY_LR, Planner
+from slimforge.search.planner import BEFORE_SHARING_EPOCHS, RECOVERY_EPOCHS, RECOVERY_LR, Planner
 from slimforge.search.space import FixedSuggester
 
 
@@ -122,6 +122,27 @@ def test_recovery_is_searched_only_when_a_chosen_technique_needs_it(tiny_task):
     assert RECOVERY_EPOCHS[0] <= plan.recovery.epochs <= RECOVERY_EPOCHS[1]
     assert RECOVERY_LR[0] <= plan.recovery.lr <= RECOVERY_LR[1]
     assert (space.asked["recovery.epochs"], space.asked["recovery.lr"]) == (plan.recovery.epochs, plan.recovery.lr)
+
+
+def test_retraining_before_sharing_is_searched_only_when_sharing_follows_pruning(tiny_task):
+    NeedySharing = _technique("needy_sharing", Family.SHARING, Stage.SHARING, needs_recovery=True)
+    planner = Planner(_registry(MagnitudePruning, NeedySharing))
+    space = FixedSuggester({"use.pruning": "magnitude_pruning", "use.sharing": "needy_sharing",
+                            "recovery.before_sharing_epochs": 2})
+    plan = planner.sample(space, tiny_task, seed=0)
+    assert plan.technique_names == ["magnitude_pruning", "needy_sharing"]
+    assert plan.recovery.before_sharing_epochs == 2
+    assert BEFORE_SHARING_EPOCHS[0] == 0  # the search may keep the one-phase plan
+    assert "retrain 2ep before sharing" in plan.describe()
+    assert Plan.from_json(plan.to_json()) == plan
+
+    for chosen in ({"use.pruning": "none", "use.sharing": "needy_sharing"},
+                   {"use.pruning": "magnitude_pruning", "use.sharing": "none"}):
+        space = FixedSuggester(chosen)
+        plan = planner.sample(space, tiny_task, seed=0)
+        assert plan.recovery.before_sharing_epochs == 0
+        assert "recovery.before_sharing_epochs" not in space.asked
+        assert "before_sharing_epochs" not in plan.to_dict()["recovery"]  # old plans stay byte-identical
 
 
 def test_composition_rules_are_never_violated(tiny_task):
