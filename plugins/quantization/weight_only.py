@@ -43,7 +43,7 @@ from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
 from slimforge.plugins.common import (WEIGHT_LAYERS, pack_bits, packed_size, replace_module, setting_for,
-                                      unmatched_settings, unpack_bits, weight_layers)
+                                      unmatched_settings, unpack_codes, weight_layers)
 
 BIT_CHOICES = (2, 4, 8)  # what the search samples; a config may name any width in BIT_RANGE
 BIT_RANGE = (2, 8)  # 1 bit has no symmetric grid containing 0 and +-s
@@ -111,15 +111,6 @@ def quantize_rows(w2d: torch.Tensor, bits: int, symmetric: bool, scale_method: s
             best_err = torch.where(better, err, best_err)
     codes = _quantize_with(w2d, best_scale, best_zero, bits).to(torch.int64)
     return codes, best_scale, best_zero.to(torch.int64)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """``plugins.common.unpack_bits`` as uint8, vectorised per byte when ``bits`` divides 8 (the
-    per-forward path runs this every call; the generic bit-stream decoder builds int64 bit planes)."""
-    if 8 % bits:
-        return unpack_bits(packed.cpu(), bits, count).to(device=packed.device, dtype=torch.uint8)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).flatten()[:count]
 
 
 # --- the replacement module -----------------------------------------------------------------------

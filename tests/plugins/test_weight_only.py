@@ -14,13 +14,12 @@ from slimforge.core.manager import Plugins
 from slimforge.core.plan import Plan, PlanStep
 from slimforge.core.technique import TechniqueContext
 from slimforge.core.testing import compress, tiny_task
-from slimforge.plugins.common import pack_bits, unpack_bits
+from slimforge.plugins.common import pack_bits, unpack_bits, unpack_codes
 from slimforge.plugins.quantization.weight_only import (
     WeightOnlyQuant,
     WeightOnlyQuantConfig,
     WeightOnlyQuantized,
     execution_order,
-    unpack_codes,
 )
 from slimforge.search.space import FixedSuggester, scoped
 
