@@ -169,9 +169,11 @@ def stored_codes(codes: torch.Tensor, bits: int, storage: str) -> torch.Tensor:
     return codes.to(torch.uint8) if storage == "uint8" else pack_bits(codes, bits)
 
 
-def codes_from_stored(stored: torch.Tensor, bits: int, storage: str, count: int) -> torch.Tensor:
-    """Inverse of ``stored_codes``: the ``count`` codes as a flat uint8 tensor."""
-    return stored.flatten() if storage == "uint8" else unpack_codes(stored, bits, count)
+def codes_from_stored(stored: torch.Tensor, bits: int, storage: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``stored_codes``: the codes as uint8, in the weight's shape."""
+    if storage == "uint8":
+        return stored.view(weight_shape)
+    return unpack_codes(stored, bits, math.prod(weight_shape)).view(weight_shape)
 
 
 def encoded_codes_size(codes: torch.Tensor, bits: int, storage: str) -> int:

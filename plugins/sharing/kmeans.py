@@ -25,7 +25,6 @@ choice existed hold packed codes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -132,8 +131,7 @@ class ClusteredLayer(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         with torch.no_grad():
-            codes = codes_from_stored(self.codes, self.bits, self.storage, math.prod(self.weight_shape))
-            self.code_index.copy_(codes.view(self.weight_shape))
+            self.code_index.copy_(codes_from_stored(self.codes, self.bits, self.storage, self.weight_shape))
         self._decoded_from = None
 
     def decoded_weight(self) -> torch.Tensor:
