@@ -297,8 +297,9 @@ def main() -> None:
     parser.add_argument("--kmeans-epochs", type=int, default=2, help="centroid fine-tuning epochs (default 2)")
     parser.add_argument("--kmeans-lr", type=float, default=1e-4)
     # 50 (the target) left both searches without a feasible trial in 40 trials (see README): one
-    # recovery phase cannot prune, retrain, then cluster, so the search's small plans are either
-    # clustered before they recover or quantized with every pruned position still stored.
+    # recovery phase cannot prune, retrain, then cluster, so the search's small plans were either
+    # clustered before they recover or quantized with every pruned position still stored (true of
+    # weight_only_quant then; it now stores only nonzero codes, and the search has not been re-run).
     parser.add_argument("--size-ratio", type=int, default=10, help="search size budget: dense artifact bytes / this "
                                                                      "(default 10)")
     parser.add_argument("--max-drop", default="0.5pt", help="search accuracy budget (validation), default 0.5pt")
