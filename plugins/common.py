@@ -178,7 +178,7 @@ def codes_from_stored(stored: torch.Tensor, bits: int, storage: str, weight_shap
 
 
 def encoded_codes_size(codes: torch.Tensor, bits: int, storage: str) -> int:
-    """Bytes the artifact codec writes for ``codes`` in ``storage``, plus a container of a few hundred
+    """Bytes the artifact codec writes for ``codes`` in ``storage``, plus a container of 100-200
     bytes that differs between the forms only by their shape and layout names in the header."""
     return len(encode_tensors({"codes": stored_codes(codes, bits, storage)}, {}))
 
