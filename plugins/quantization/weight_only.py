@@ -128,23 +128,27 @@ def quantize_rows(w2d: torch.Tensor, bits: int, symmetric: bool, scale_method: s
 class WeightOnlyQuantized(nn.Module):
     """A Conv1d/Conv2d/Linear whose weight lives as ``bits``-bit codes + per-channel scales.
 
-    ``codes`` holds each weight's grid level minus its channel's zero point, modulo ``2**bits``, so
-    every weight that is exactly 0.0 has code 0, in ``storage`` form (``plugins.common``: ``uint8``
-    in the weight's shape, whose zero codes the artifact codec leaves out, or ``packed``).
-    ``relative_codes=False`` reads artifacts written before that: absolute levels, packed."""
+    The ``relative_codes`` buffer holds each weight's grid level minus its channel's zero point,
+    modulo ``2**bits``, so every weight that is exactly 0.0 has code 0, in ``storage`` form
+    (``plugins.common``: ``uint8`` in the weight's shape, whose zero codes the artifact codec leaves
+    out, or ``packed``).  ``absolute_codes=True`` reads artifacts written before that: absolute
+    levels, packed, in a buffer named ``codes``.  The two names differ so that an older slimforge,
+    which knows only ``codes``, refuses a newer artifact (unexpected key) instead of decoding
+    relative codes as absolute levels into wrong weights."""
 
     def __init__(self, layer: nn.Module, bits: int, symmetric: bool, dequantize_once: bool = True,
-                 storage: str = "packed", relative_codes: bool = True):
+                 storage: str = "packed", absolute_codes: bool = False):
         super().__init__()
         self.kind = type(layer).__name__
         self.bits, self.symmetric, self.dequantize_once = bits, symmetric, dequantize_once
-        self.storage, self.relative_codes = storage, relative_codes
+        self.storage, self.absolute_codes = storage, absolute_codes
+        self.codes_name = "codes" if absolute_codes else "relative_codes"
         self.weight_shape = tuple(layer.weight.shape)
         if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
             self.stride, self.padding = layer.stride, layer.padding
             self.dilation, self.groups = layer.dilation, layer.groups
         device, out = layer.weight.device, self.weight_shape[0]
-        self.register_buffer("codes", empty_code_buffer(self.weight_shape, bits, storage, device))
+        self.register_buffer(self.codes_name, empty_code_buffer(self.weight_shape, bits, storage, device))
         self.register_buffer("scale", torch.ones(out, dtype=torch.float32, device=device))
         if not symmetric:
             self.register_buffer("zero_point", torch.zeros(out, dtype=torch.uint8, device=device))
@@ -162,19 +166,24 @@ class WeightOnlyQuantized(nn.Module):
         storage = choose_code_storage(codes, bits)
         module = cls(layer, bits, symmetric, dequantize_once, storage)
         with torch.no_grad():
-            module.codes.copy_(stored_codes(codes, bits, storage))
+            module.codes_buffer.copy_(stored_codes(codes, bits, storage))
             module.scale.copy_(scale)
             if not symmetric:
                 module.zero_point.copy_(zero.to(torch.uint8))
         module.refresh_cache()
         return module
 
+    @property
+    def codes_buffer(self) -> torch.Tensor:
+        """The codes buffer, whichever name it has."""
+        return getattr(self, self.codes_name)
+
     def levels(self) -> torch.Tensor:
         """Signed integer level of every weight, one row per output channel: weight = level * scale."""
-        codes = codes_from_stored(self.codes, self.bits, self.storage, self.weight_shape)
+        codes = codes_from_stored(self.codes_buffer, self.bits, self.storage, self.weight_shape)
         codes = codes.view(self.weight_shape[0], -1).to(torch.int16)
         zero = self.zero_point.to(torch.int16)[:, None] if not self.symmetric else 1 << (self.bits - 1)
-        absolute = (codes + zero) & ((1 << self.bits) - 1) if self.relative_codes else codes
+        absolute = codes if self.absolute_codes else (codes + zero) & ((1 << self.bits) - 1)
         return absolute - zero
 
     def dequantize(self) -> torch.Tensor:
@@ -282,7 +291,7 @@ class WeightOnlyQuant(Technique):
         for name, b in bits.items():
             replace_module(model, name, WeightOnlyQuantized(
                 model.get_submodule(name), int(b), config.symmetric, config.dequantize_once,
-                storage="packed" if storage is None else storage[name], relative_codes=storage is not None))
+                storage="packed" if storage is None else storage[name], absolute_codes=storage is None))
         return model
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from slimforge.core.artifact import describe_artifact, write_artifact
 from slimforge.core.compressed import load_model, save_model
-from slimforge.core.errors import ConfigError
+from slimforge.core.errors import ArtifactError, ConfigError
 from slimforge.core.manager import Plugins
 from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.recovery import AppliedStep, recover
@@ -42,7 +42,7 @@ def _linear_with(weight):
 
 
 def _relative_codes(layer: WeightOnlyQuantized) -> torch.Tensor:
-    return codes_from_stored(layer.codes, layer.bits, layer.storage, layer.weight_shape)
+    return codes_from_stored(layer.codes_buffer, layer.bits, layer.storage, layer.weight_shape)
 
 
 def _grid_weight(bits: int, density: float, shape=(64, 512), seed=0) -> torch.Tensor:
@@ -60,17 +60,22 @@ def _grid_weight(bits: int, density: float, shape=(64, 512), seed=0) -> torch.Te
 
 def _codes_row(layer: WeightOnlyQuantized, path) -> dict:
     """How the artifact codec stores the layer's ``codes`` buffer (layout, raw and stored bytes)."""
-    write_artifact(path, {"codes": layer.codes}, {})
+    write_artifact(path, {"codes": layer.codes_buffer}, {})
     return describe_artifact(path)["tensors"][0]
 
 
-def _dense_codes_version(layer: WeightOnlyQuantized) -> WeightOnlyQuantized:
+def _dense_codes_version(layer: WeightOnlyQuantized, original: nn.Module) -> WeightOnlyQuantized:
     """The same quantized layer as weight_only_quant stored it before codes were relative to the
-    zero point: every position's absolute level, packed, pruned zeros included."""
+    zero point: every position's absolute level, packed, pruned zeros included.  ``original`` is
+    the float layer it replaced (only its kind and shapes are used)."""
     zero = layer.zero_point.long()[:, None] if not layer.symmetric else 1 << (layer.bits - 1)
-    old = copy.deepcopy(layer)
-    old.storage, old.relative_codes = "packed", False
-    old.codes = pack_bits(layer.levels().long() + zero, layer.bits)  # replaces the registered buffer
+    old = WeightOnlyQuantized(original, layer.bits, layer.symmetric, layer.dequantize_once, absolute_codes=True)
+    with torch.no_grad():
+        old.codes.copy_(pack_bits(layer.levels().long() + zero, layer.bits))
+        old.scale.copy_(layer.scale)
+        old.bias.copy_(layer.bias)
+        if not layer.symmetric:
+            old.zero_point.copy_(layer.zero_point)
     old.refresh_cache()
     assert torch.equal(old.dequantize(), layer.dequantize())
     return old
@@ -94,9 +99,10 @@ def test_file_holds_at_most_bits_over_8_bytes_per_weight(tmp_path, bits):
     for name in TINY_CNN_LAYERS:
         weight, layer = teacher[name].weight, model.get_submodule(name)
         assert f"{name}.weight" not in rows, "no float copy of a quantized weight in the file"
-        assert {k for k in rows if k.startswith(f"{name}.")} == {f"{name}.codes", f"{name}.scale", f"{name}.bias"}
+        assert {k for k in rows if k.startswith(f"{name}.")} == {f"{name}.relative_codes", f"{name}.scale",
+                                                                f"{name}.bias"}
         # The storage form is the one the codec makes smaller, and it is recorded for restore_structure.
-        codes, storage = rows[f"{name}.codes"], ctx.structure["storage"][name]
+        codes, storage = rows[f"{name}.relative_codes"], ctx.structure["storage"][name]
         assert storage == layer.storage == choose_code_storage(_relative_codes(layer), bits)
         packed_bytes = math.ceil(weight.numel() * bits / 8)
         assert codes["dtype"] == "uint8"
@@ -119,7 +125,7 @@ def test_a_90_percent_pruned_layer_pays_for_its_nonzero_codes_only(tmp_path, bit
     # At 10 % density the one-byte form wins: the codec stores positions and codes as separate streams.
     assert layer.storage == "uint8"
     sparse = _codes_row(layer, tmp_path / "sparse.slim")
-    dense = _codes_row(_dense_codes_version(layer), tmp_path / "dense.slim")
+    dense = _codes_row(_dense_codes_version(layer, _linear_with(weight)), tmp_path / "dense.slim")
     # Before entropy coding, from density and bits: the dense codes take bits/8 bytes per weight; the
     # sparse ones one byte per nonzero code plus its position, as a one-byte relative index (no gap
     # here reaches 256, which would need a filler entry) or as one bit per weight, whichever is less.
@@ -142,7 +148,8 @@ def test_a_fully_dense_layer_keeps_dense_packed_codes(tmp_path, bits):
     layer = WeightOnlyQuantized.from_layer(_linear_with(weight), bits, True, "mse")
     assert torch.equal(layer.dequantize(), weight) and bool((weight != 0).all())
     assert layer.storage == "packed"
-    codes, old = _codes_row(layer, tmp_path / "new.slim"), _codes_row(_dense_codes_version(layer), tmp_path / "old.slim")
+    codes = _codes_row(layer, tmp_path / "new.slim")
+    old = _codes_row(_dense_codes_version(layer, _linear_with(weight)), tmp_path / "old.slim")
     assert codes["encoding"] == "dense" and codes["arrays"][0]["raw_bytes"] == weight.numel() * bits // 8
     assert codes["stored_bytes"] <= 1.01 * old["stored_bytes"]  # no worse than before the change
 
@@ -181,8 +188,8 @@ def test_pruned_zeros_hold_through_fine_tuning_and_are_code_0(tmp_path):
     _save(model, ctx, config, task, tmp_path / "m.slim", steps=steps)
     rows = {row["name"]: row for row in describe_artifact(tmp_path / "m.slim")["tensors"]}
     for name in ("3", "6"):  # the layers big enough for the zero codes to outweigh container bytes
-        dense = _codes_row(_dense_codes_version(model.get_submodule(name)), tmp_path / f"dense-{name}.slim")
-        assert rows[f"{name}.codes"]["stored_bytes"] < dense["stored_bytes"], name
+        dense = _dense_codes_version(model.get_submodule(name), task.teacher.get_submodule(name))
+        assert rows[f"{name}.relative_codes"]["stored_bytes"] < _codes_row(dense, tmp_path / "d.slim")["stored_bytes"]
     loaded = load_model(tmp_path / "m.slim", plugins.registry).model
     x = task.split("val")[:][0][:32]
     with torch.inference_mode():
@@ -202,15 +209,29 @@ def test_artifacts_with_absolute_packed_codes_and_no_recorded_storage_still_load
     with torch.inference_mode():
         expected = model(x)
     for name in ctx.structure["bits"]:
-        replace_module(model, name, _dense_codes_version(model.get_submodule(name)))
+        replace_module(model, name, _dense_codes_version(model.get_submodule(name), task.teacher.get_submodule(name)))
     del ctx.structure["storage"]
     _save(model, ctx, config, task, tmp_path / "old.slim", steps=(PlanStep("magnitude_pruning", {}),))
     rows = {row["name"]: row for row in describe_artifact(tmp_path / "old.slim")["tensors"]}
     assert rows["6.codes"]["shape"] == [32 * 144 * 4 // 8]
     loaded = load_model(tmp_path / "old.slim", plugins.registry).model
-    assert not loaded.get_submodule("6").relative_codes and loaded.get_submodule("6").storage == "packed"
+    assert loaded.get_submodule("6").absolute_codes and loaded.get_submodule("6").storage == "packed"
     with torch.inference_mode():
         assert torch.equal(loaded(x), expected)
+
+
+def test_a_reader_that_expects_absolute_codes_refuses_relative_ones(tmp_path):
+    # An older slimforge ignores the recorded storage and builds absolute packed ``codes`` buffers;
+    # dropping the record reads the file the way it would.  Layers whose relative codes are packed
+    # have exactly the old buffer's shape, so only the buffer's name stops a silent misreading.
+    task = tiny_task()
+    config, ctx = WeightOnlyQuantConfig(bits={"3": 2, "6": 4}), TechniqueContext(task=task)
+    model = WeightOnlyQuant().apply(copy.deepcopy(task.teacher), config, ctx).eval()
+    assert "packed" in ctx.structure["storage"].values()
+    del ctx.structure["storage"]
+    _save(model, ctx, config, task, tmp_path / "new.slim")
+    with pytest.raises(ArtifactError, match="tensors do not fit"):
+        load_model(tmp_path / "new.slim", Plugins(load_entry_points=False).registry)
 
 
 def test_reconstruction_error_orders_by_bits():
