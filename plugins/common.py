@@ -1,10 +1,15 @@
-"""Pieces several built-in techniques share: layer discovery, module replacement, masks, bit packing."""
+"""Pieces several built-in techniques share: layer discovery, module replacement, masks, bit packing,
+and how integer weight codes are stored."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
+from slimforge.core.artifact import encode_tensors
+from slimforge.core.errors import ArtifactError
 from slimforge.core.technique import Technique, TechniqueContext
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -116,6 +121,74 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 def packed_size(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """``unpack_bits`` as uint8, vectorised per byte when ``bits`` divides 8 (a per-forward decode
+    runs this every call; the generic bit-stream decoder builds int64 bit planes)."""
+    if 8 % bits:
+        return unpack_bits(packed.cpu(), bits, count).to(device=packed.device, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).flatten()[:count]
+
+
+# --- code storage: how a layer's integer weight codes sit in its state_dict ----------------------
+#
+# Techniques that turn weights into integer codes (k-means indices, weight-only quantization levels)
+# give an exactly-zero weight code 0.  Two storage forms, chosen per layer by the bytes the artifact
+# codec actually writes for each (``choose_code_storage``):
+#
+# - ``uint8``: one byte per weight, in the weight's shape.  The codec stores only the nonzero codes
+#   of a pruned layer (Deep Compression's relative indices, or a bitmask, whichever has fewer raw
+#   bytes) and entropy-codes positions and codes as separate streams, so each surviving weight costs
+#   about the entropy of its gap plus that of its code.  Dense layers win too when the code
+#   histogram is skewed, since deflate's Huffman stage then codes each byte near its entropy.
+# - ``packed``: ``bits`` per weight, bit-packed (``pack_bits``), then entropy-coded: best for dense
+#   layers whose codes are near-uniform.  Zero codes still help here (a byte of all-zero codes is a
+#   zero byte, which the codec's sparse layouts also skip), but less than in ``uint8``.
+#
+# Why not a third form with a packed bitmask and bit-packed nonzero codes: on LeNet-5 pruned to
+# Deep Compression's densities (2-8 bits, both modes) it was at most 1.4 % smaller than the better
+# of these two and often larger, and it would need the nonzero count recorded before the buffer
+# could be rebuilt.
+
+CODE_STORAGES = ("uint8", "packed")
+
+
+def empty_code_buffer(weight_shape: tuple[int, ...], bits: int, storage: str,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """The zero ``codes`` buffer a layer registers before its state_dict loads.  ``storage`` may come
+    from an artifact header, so an unknown one is an ``ArtifactError``."""
+    if storage not in CODE_STORAGES:
+        raise ArtifactError(f"unknown code storage {storage!r}; valid choices: {', '.join(CODE_STORAGES)}")
+    shape = tuple(weight_shape) if storage == "uint8" else (packed_size(math.prod(weight_shape), bits),)
+    return torch.zeros(shape, dtype=torch.uint8, device=device)
+
+
+def stored_codes(codes: torch.Tensor, bits: int, storage: str) -> torch.Tensor:
+    """The ``codes`` buffer for integer ``codes`` (< 2**bits, in the weight's shape) in ``storage``."""
+    return codes.to(torch.uint8) if storage == "uint8" else pack_bits(codes, bits)
+
+
+def codes_from_stored(stored: torch.Tensor, bits: int, storage: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``stored_codes``: the codes as uint8, in the weight's shape."""
+    if storage == "uint8":
+        return stored.view(weight_shape)
+    return unpack_codes(stored, bits, math.prod(weight_shape)).view(weight_shape)
+
+
+def encoded_codes_size(codes: torch.Tensor, bits: int, storage: str) -> int:
+    """Bytes the artifact codec writes for ``codes`` in ``storage``, plus a container of 100-200
+    bytes that differs between the forms only by their shape and layout names in the header."""
+    return len(encode_tensors({"codes": stored_codes(codes, bits, storage)}, {}))
+
+
+def choose_code_storage(codes: torch.Tensor, bits: int) -> str:
+    """The storage form the artifact codec makes smaller; ties keep ``uint8``.  Deterministic: the
+    codec is.  At 8 bits the two forms are the same bytes, so ``uint8`` is taken without encoding."""
+    if bits == 8:
+        return "uint8"
+    return min(CODE_STORAGES, key=lambda storage: encoded_codes_size(codes, bits, storage))
 
 
 # --- shapes: structural techniques record layer shapes so artifacts rebuild the smaller model ---

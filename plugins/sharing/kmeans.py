@@ -13,43 +13,35 @@ constant 0.0 outside the trainable codebook, so they stay exactly zero through f
 the nonzeros are clustered.
 
 How the codes are stored is chosen per layer at ``apply`` time (the codes never change after it,
-only the centroids do), by encoding both candidates with the artifact codec and keeping the smaller
-file (ties: ``uint8``); the choice is recorded in ``ctx.structure`` so ``restore_structure``
-rebuilds the same buffer:
-
-- ``uint8``: one byte per weight, full weight shape.  Pruned layers need this: the codec then
-  stores only the nonzero codes, with Deep Compression's relative indices (or a bitmask), and
-  entropy-codes the gaps and the codes separately, which is the paper's relative-index + Huffman
-  scheme (deflate's Huffman stage, or lzma) - each nonzero costs about the entropy of its gap plus
-  that of its code.  Dense layers win too when the code histogram is skewed: LeNet-5 fc1 at 5 bits
-  (400,000 weights, code entropy 4.05 bits) takes 209,262 bytes this way against 240,139 packed;
-  pruned to 8 % density, 35,081 against 46,616.
-- ``packed``: ``bits`` per weight, bit-packed (``plugins.common.pack_bits``), then entropy-coded.
-  Wins on dense layers whose codes are near-uniform (LeNet-5 fc1 at 4 bits: 174,896 bytes against
-  182,247 as uint8).  Artifacts written before the choice existed hold this form.
+only the centroids do) by ``plugins.common.choose_code_storage``: ``uint8`` in the weight's shape,
+which lets the artifact codec store a pruned layer's nonzero codes only (relative indices, the
+paper's scheme), or ``packed`` at ``bits`` per weight, whichever the codec writes smaller (the forms
+are described there).  The choice is recorded in ``ctx.structure`` so ``restore_structure`` rebuilds
+the same buffer.  Measured on LeNet-5 fc1 (400,000 weights): at 5 bits (code entropy 4.05 bits)
+``uint8`` takes 209,262 bytes against 240,139 packed, and pruned to 8 % density 35,081 against
+46,616; dense at 4 bits ``packed`` wins, 174,896 against 182,247.  Artifacts written before the
+choice existed hold packed codes.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimforge.core.artifact import encode_tensors
 from slimforge.core.errors import ArtifactError, ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import pack_bits, packed_size, replace_module, unpack_bits, weight_layers
+from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, packed_size,
+                                      replace_module, stored_codes, weight_layers)
 
 # Deep Compression's LeNet/AlexNet setting: convolutions are more sensitive to sharing than fully
 # connected layers, so they default to (and search over) more bits.
 CONV_BITS, FC_BITS = 8, 5
 CONV_BITS_RANGE, FC_BITS_RANGE = (3, 8), (2, 6)
 LLOYD_ITERATIONS = 30
-STORAGES = ("uint8", "packed")  # how a layer's codes sit in the state_dict; see the module docstring
 _FUNCTIONAL = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
 
 
@@ -110,16 +102,12 @@ class ClusteredLayer(nn.Module):
 
     def __init__(self, layer: nn.Module, bits: int, zero_code: bool, storage: str = "packed"):
         super().__init__()
-        if storage not in STORAGES:
-            raise ArtifactError(f"kmeans_clustering: unknown code storage {storage!r}; valid choices: "
-                                f"{', '.join(STORAGES)}")
         self.op = _FUNCTIONAL[type(layer)]
         self.bits, self.zero_code, self.storage = bits, zero_code, storage
         self.weight_shape = tuple(layer.weight.shape)
         weight = layer.weight.detach()
         self.codebook = nn.Parameter(weight.new_zeros((1 << bits) - int(zero_code)))
-        shape = self.weight_shape if storage == "uint8" else (packed_size(weight.numel(), bits),)
-        self.register_buffer("codes", torch.zeros(shape, dtype=torch.uint8, device=weight.device))
+        self.register_buffer("codes", empty_code_buffer(self.weight_shape, bits, storage, weight.device))
         # Decoded indices for the forward pass; derived from ``codes``, so never saved.
         self.register_buffer("code_index", torch.zeros(self.weight_shape, dtype=torch.int64, device=weight.device),
                              persistent=False)
@@ -143,11 +131,7 @@ class ClusteredLayer(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         with torch.no_grad():
-            if self.storage == "uint8":
-                self.code_index.copy_(self.codes)
-            else:
-                count = math.prod(self.weight_shape)
-                self.code_index.copy_(unpack_bits(self.codes.cpu(), self.bits, count).view(self.weight_shape))
+            self.code_index.copy_(codes_from_stored(self.codes, self.bits, self.storage, self.weight_shape))
         self._decoded_from = None
 
     def decoded_weight(self) -> torch.Tensor:
@@ -182,26 +166,6 @@ class ClusteredLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.op}, weight_shape={self.weight_shape}, bits={self.bits}, storage={self.storage}, "
                 f"centroids={self.codebook.numel()}{' + exact zero' if self.zero_code else ''}")
-
-
-def stored_codes(codes: torch.Tensor, bits: int, storage: str) -> torch.Tensor:
-    """The ``codes`` buffer for integer ``codes`` (< 2**bits) in the given storage form."""
-    return codes.to(torch.uint8) if storage == "uint8" else pack_bits(codes, bits)
-
-
-def encoded_size(codes: torch.Tensor, bits: int, storage: str) -> int:
-    """Bytes the artifact codec needs for ``codes`` in the given storage form (plus a few bytes of
-    container, the same for both forms)."""
-    return len(encode_tensors({"codes": stored_codes(codes, bits, storage)}, {}))
-
-
-def choose_storage(codes: torch.Tensor, bits: int) -> str:
-    """The storage form the artifact codec makes smaller; ties keep ``uint8``.
-
-    At 8 bits the two forms are the same bytes, so ``uint8`` is taken without encoding."""
-    if bits == 8:
-        return "uint8"
-    return min(STORAGES, key=lambda storage: encoded_size(codes, bits, storage))
 
 
 def _worth_clustering(layer: nn.Module, bits: int) -> bool:
@@ -251,7 +215,7 @@ class KMeansClustering(Technique):
             centroids, codes = kmeans_1d(weight[nonzero], (1 << bits) - int(zero_code), config.iterations)
             all_codes = torch.zeros(weight.shape, dtype=torch.int64)
             all_codes[nonzero] = codes + int(zero_code)
-            storage = choose_storage(all_codes, bits)
+            storage = choose_code_storage(all_codes, bits)
             clustered = ClusteredLayer(layer, bits, zero_code, storage)
             with torch.no_grad():
                 clustered.codebook.copy_(centroids.to(clustered.codebook.dtype))

@@ -15,10 +15,9 @@ from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.recovery import AppliedStep, recover
 from slimforge.core.technique import TechniqueContext
 from slimforge.core.testing import TINY_ARCHITECTURES, tiny_task
-from slimforge.plugins.common import replace_module
+from slimforge.plugins.common import CODE_STORAGES, encoded_codes_size, replace_module
 from slimforge.plugins.pruning.magnitude import MagnitudePruning, MagnitudePruningConfig
-from slimforge.plugins.sharing.kmeans import (STORAGES, ClusteredLayer, KMeansClustering, KMeansConfig, encoded_size,
-                                              kmeans_1d)
+from slimforge.plugins.sharing.kmeans import ClusteredLayer, KMeansClustering, KMeansConfig, kmeans_1d
 
 KMEANS = KMeansClustering()
 
@@ -64,7 +63,7 @@ def test_4bit_codes_of_a_dense_64x144_layer_take_at_most_half_a_byte_per_weight(
     assert layer.decoded_weight().unique().numel() <= 16
     # The storage form is the one the codec makes smaller, and it is recorded for restore_structure.
     storage = ctx.structure["layers"]["1"]["storage"]
-    assert storage == layer.storage == min(STORAGES, key=lambda s: encoded_size(layer.code_index, 4, s))
+    assert storage == layer.storage == min(CODE_STORAGES, key=lambda s: encoded_codes_size(layer.code_index, 4, s))
     rows = _saved_rows(model, task, config, ctx, tmp_path / "kmeans.slim")
     assert "1.weight" not in rows and "1.code_index" not in rows  # no float copy, no unpacked cache
     codes = rows["1.codes"]
@@ -104,7 +103,7 @@ def test_a_90_percent_pruned_layer_pays_for_its_nonzeros_only(tmp_path):
     assert codes["encoding"] in ("relative", "bitmask")
     packed_dense = 64 * 144 * 5 // 8
     assert codes["stored_bytes"] < 0.25 * packed_dense
-    assert codes["stored_bytes"] < encoded_size(layer.code_index, 5, "packed") - len(encode_tensors({}, {}))
+    assert codes["stored_bytes"] < encoded_codes_size(layer.code_index, 5, "packed") - len(encode_tensors({}, {}))
     loaded = load_model(tmp_path / "pruned.slim", Plugins(load_entry_points=False).registry).model
     x = task.split("val")[:][0][:32]
     with torch.inference_mode():
