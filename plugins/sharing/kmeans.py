@@ -92,6 +92,29 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = LLOYD_ITERATIONS) 
     return centroids, _nearest(values, centroids)
 
 
+class _CodebookLookup(torch.autograd.Function):
+    """``table[index]`` whose backward sums each centroid's gradient in a fixed order.
+
+    The gather's own backward accumulates with a parallel index_put on CPU, whose float sums
+    depend on thread scheduling: the same plan and seed then gave artifacts a few bytes apart
+    with 2 threads (identical with 1).  ``bincount`` sums serially on CPU, in float64."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.table_size = table.numel()
+        return table[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        if grad.device.type != "cpu":  # CUDA has no bitwise promise here; keep its fast path
+            return torch.zeros(ctx.table_size, dtype=grad.dtype, device=grad.device).index_add_(
+                0, index.reshape(-1), grad.reshape(-1)), None
+        sums = torch.bincount(index.reshape(-1), weights=grad.reshape(-1).double(), minlength=ctx.table_size)
+        return sums.to(grad.dtype), None
+
+
 class ClusteredLayer(nn.Module):
     """A Conv/Linear layer whose weight is ``codebook[codes]``.
 
@@ -150,7 +173,7 @@ class ClusteredLayer(nn.Module):
 
     def _decode(self) -> torch.Tensor:
         table = torch.cat([self.codebook.new_zeros(1), self.codebook]) if self.zero_code else self.codebook
-        return table[self.code_index]
+        return _CodebookLookup.apply(table, self.code_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.decoded_weight()

@@ -232,3 +232,20 @@ def test_inference_cache_follows_codebook_and_codes():
         assert not torch.equal(other(x), layer(x))  # cached with the all-zero codes
         other.load_state_dict(layer.state_dict())  # same codebook values, new codes
         assert torch.equal(other(x), layer(x))
+
+
+def test_centroid_gradients_are_summed_in_a_fixed_order():
+    """The codebook's gradient is the float64 per-centroid sum of the weight gradients, cast once:
+    the same bytes whatever the thread count (the plain gather's parallel accumulation was not)."""
+    from slimforge.plugins.sharing.kmeans import _CodebookLookup
+
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(16, generator=generator, requires_grad=True)
+    index = torch.randint(0, 16, (64, 128), generator=generator)
+    grad = torch.randn(64, 128, generator=generator)
+    _CodebookLookup.apply(table, index).backward(grad)
+    expected = torch.zeros(16, dtype=torch.float64).index_add_(0, index.reshape(-1), grad.reshape(-1).double())
+    assert torch.equal(table.grad, expected.float())
+    reference = table.detach().clone().requires_grad_()
+    reference[index].backward(grad)
+    assert torch.allclose(table.grad, reference.grad, atol=1e-4)
