@@ -391,7 +391,7 @@ def cmd_sync(args) -> int:
         return 0
     counts = report.counts()
     names = {"search_start": "search run(s)", "trial": "trial run(s)", "register": "registered version(s)",
-             "search_end": "search(es) finished"}
+             "search_end": "search(es) ended"}
     done = ", ".join(f"{counts[k]} {v}" for k, v in names.items() if counts.get(k)) or "nothing"
     versions = [o["links"] for op, o in report.done if op["op"] == "register"]
     if versions:

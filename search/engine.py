@@ -242,12 +242,14 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         tracker = MlflowTracker(tracking_uri=settings.tracking_uri, experiment=settings.experiment,
                                 registered_model=settings.registered_model)
         plugins.register(tracker, name="slimforge.tracking.mlflow")
+    search_started = False
     try:
         # Trials a killed search left RUNNING are closed below, once the trackers have started.
         backend = OptunaBackend(storage=settings.storage, study_name=settings.study, seed=settings.seed, budgets=budgets,
                                 close_interrupted=False, sampler_name=settings.sampler)
         plugins.configure(settings.to_dict())
         plugins.search_start(settings=settings.to_dict() | {"budgets": budgets.to_dict()}, task=task, baseline=baseline)
+        search_started = True
         _close_interrupted(backend, plugins)
         # Only now may `slimforge worker`s join: a worker's RUNNING trial is not an interrupted one.
         _store_settings(backend, task, runner, settings, baseline)
@@ -266,6 +268,10 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
                               settings=settings.to_dict(), metric=task.metric_name)
         write_reports(result, settings.out_dir)  # before search_end: trackers attach these files
         plugins.search_end(result)
+    except BaseException as exc:  # Ctrl-C included: the tracker ends its parent run KILLED, not RUNNING forever
+        if search_started:
+            plugins.search_stopped(exc)
+        raise
     finally:
         if tracker is not None:
             plugins.unregister(tracker)

@@ -82,6 +82,24 @@ def check_one_mlflow_run_per_trial(uri: str, summary: dict, trials: int) -> None
         assert run.info.status in ("FINISHED", "FAILED")
 
 
+def check_parent_runs_ended(uri: str) -> list:
+    """No search of the study leaves its MLflow parent run RUNNING: the last one FINISHED, and one a
+    kill left RUNNING was ended KILLED by the search that resumed the study, which its tag names.
+    Returns the parent runs, oldest first."""
+    client = _client(uri)
+    experiment = client.get_experiment_by_name("slimforge")
+    runs = [r for r in client.search_runs([experiment.experiment_id], "tags.`slimforge.kind` = 'search'",
+                                          max_results=1000, order_by=["attributes.start_time ASC"])
+            if r.data.tags.get("slimforge.study") == STUDY]
+    assert runs and runs[-1].info.status == "FINISHED", [r.info.status for r in runs]
+    ids = [r.info.run_id for r in runs]
+    for run in runs[:-1]:
+        assert run.info.status in ("KILLED", "FINISHED"), run.info.status  # FINISHED: killed after it ended its run
+        if run.info.status == "KILLED":
+            assert ids.index(run.data.tags["slimforge.resumed_by"]) > ids.index(run.info.run_id)
+    return runs
+
+
 def check_artifacts_and_registry(root: Path, summary: dict, uri: str, model: str) -> None:
     import mlflow
     from mlflow.artifacts import download_artifacts

@@ -21,7 +21,8 @@ import subprocess
 import pytest
 
 from sf_reliability_checks import (STUDY, check_artifacts_and_registry, check_one_mlflow_run_per_trial,
-                                   check_study_and_summary, fault_env, search_argv, study_trials, tiny_config)
+                                   check_parent_runs_ended, check_study_and_summary, fault_env, search_argv,
+                                   study_trials, tiny_config)
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -99,6 +100,14 @@ def test_trials_cut_off_are_failed_with_their_plan_and_a_measured_one_is_kept(ki
 def test_mlflow_has_exactly_one_run_per_trial(killed_and_resumed):
     k = killed_and_resumed
     check_one_mlflow_run_per_trial(k["uri"], k["summary"], TRIALS)
+
+
+def test_each_killed_search_run_is_ended_killed_by_the_run_that_resumed_it(killed_and_resumed):
+    runs = check_parent_runs_ended(killed_and_resumed["uri"])
+    assert len(runs) == len(KILLS) + 1  # every kill point comes after the search opened its run
+    for killed, resumer in zip(runs, runs[1:]):
+        assert killed.info.status == "KILLED"
+        assert killed.data.tags["slimforge.resumed_by"] == resumer.info.run_id
 
 
 def test_no_half_written_artifact_is_recorded_or_registered(killed_and_resumed):

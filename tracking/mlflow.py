@@ -54,6 +54,9 @@ MAX_TAG_LENGTH = 5000
 
 KIND_TAG, SEARCH_ID_TAG, STUDY_TAG, STUDY_ID_TAG = ("slimforge.kind", "slimforge.search_id", "slimforge.study",
                                                    "slimforge.study_id")
+# On a parent run that did not finish: the run of the search that resumed its study after a kill,
+# or what stopped the search (Ctrl-C, an error).
+RESUMED_BY_TAG, STOPPED_BY_TAG = "slimforge.resumed_by", "slimforge.stopped_by"
 
 # MLflow's HTTP defaults (7 retries with exponential back-off, 120 s timeout) turn a dead server
 # into minutes per call.  Unreachable is not fatal here (operations go to the journal), so fail
@@ -260,11 +263,32 @@ class MlflowWriter:
         run = self._find_run(op, ids) if self._repeat(op) else None
         if run is None:
             run = client.create_run(self.experiment_id(op), start_time=op["time_ms"], run_name=op["study"],
-                                    tags={**ids, STUDY_TAG: op["study"], "slimforge.task": op["task"]})
+                                    tags={**ids, STUDY_TAG: op["study"], STUDY_ID_TAG: op["study_id"],
+                                          "slimforge.task": op["task"]})
         run_id = run.info.run_id
         self._parents[(self.uri(op), op["search_id"])] = run_id
         self._log(client, run_id, op["time_ms"], params=op["params"], metrics=op["metrics"], tags=op["tags"])
+        self._end_stale_parents(op, run_id)
         return {"run_id": run_id}
+
+    def _end_stale_parents(self, op: dict, resumed_by: str) -> None:
+        """End, as KILLED, the parent runs of earlier searches of this study that are still
+        RUNNING: a search killed outright (SIGKILL, power loss) never ended its run, and only the
+        next search of the study can.  Each is tagged with the run that resumed the study.
+
+        The resumed search keeps a parent run of its own rather than reopening the stale one: each
+        invocation logs its settings as params, a resume may change them (``--trials``, budgets),
+        and MLflow refuses to change a param.  Trial runs are keyed by study and trial number, not
+        by parent, so every trial still has exactly one run.  Runs are matched by study id (name +
+        storage), never by name alone: another folder's study of the same name may be running."""
+        client = self.client(op)
+        stale = client.search_runs(
+            [self.experiment_id(op)], f"tags.`{KIND_TAG}` = 'search' and tags.`{STUDY_ID_TAG}` = '{op['study_id']}' "
+            "and attributes.status = 'RUNNING'", max_results=1000)
+        for run in stale:
+            if run.info.run_id != resumed_by:
+                client.set_tag(run.info.run_id, RESUMED_BY_TAG, resumed_by)
+                client.set_terminated(run.info.run_id, "KILLED", end_time=op["time_ms"])
 
     def _study_trials(self, op: dict) -> dict[int, tuple[str, bool]]:
         """Trial runs the study already has in MLflow, ``number -> (run id, finished)``: fetched
@@ -383,7 +407,8 @@ class MlflowWriter:
         for path in op["artifacts"]:
             if Path(path).exists():  # re-uploading the same name replaces it: safe to repeat
                 client.log_artifact(parent, path)
-        client.set_terminated(parent, "FINISHED", end_time=op["time_ms"])
+        # FINISHED; KILLED or FAILED for a search that stopped early (``slimforge_search_stopped``)
+        client.set_terminated(parent, op.get("status", "FINISHED"), end_time=op["time_ms"])
         return {"run_id": parent}
 
 
@@ -548,6 +573,22 @@ class MlflowTracker:
                      f"({self.pending[0].get('last_error', '')}); replay them with: slimforge sync --out {out_dir}")
         print(line, file=sys.stderr, flush=True)
         return links
+
+    @hookimpl
+    def slimforge_search_stopped(self, error):
+        """Ctrl-C (KILLED) or an error (FAILED) ended the search: end its parent run so.  What
+        ``search_end`` had queued and not yet done (registrations, the normal end) is dropped: the
+        user asked to stop, and resuming the study registers its Pareto members.  Trial records
+        still pending stay, and go to the journal if MLflow cannot take them."""
+        if isinstance(error, KeyboardInterrupt):
+            status, reason = "KILLED", "KeyboardInterrupt (Ctrl-C)"
+        else:
+            status, reason = "FAILED", _short_error(error)
+        self.pending = [op for op in self.pending
+                        if not (op["search_id"] == self.search_id and op["op"] in ("register", "search_end"))]
+        self.pending.append(self._op("search_end", status=status, metrics={}, tags={STOPPED_BY_TAG: reason},
+                                     artifacts=[]))
+        self._flush()
 
     def logging_cost(self) -> dict:
         seconds = self.trial_seconds
