@@ -251,6 +251,7 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         plugins.search_start(settings=settings.to_dict() | {"budgets": budgets.to_dict()}, task=task, baseline=baseline)
         search_started = True
         _close_interrupted(backend, plugins)
+        _log_removed(remove_orphaned_files(backend, artifact_dir), artifact_dir)
         # Only now may `slimforge worker`s join: a worker's RUNNING trial is not an interrupted one.
         _store_settings(backend, task, runner, settings, baseline)
         runner.history.extend(record_from_dict(r) for r in backend.records())
@@ -512,6 +513,52 @@ def _close_interrupted(backend, plugins: Plugins) -> None:
         _log(f"trial {record.number}: " + (record.failure_reason if record.state == FAILED
                                            else "recovered: it was measured before the search was stopped"))
         finish_trial(backend, plugins, trial, record)
+
+
+def remove_orphaned_files(backend, artifact_dir: Path) -> list[tuple[str, str]]:
+    """Delete the files a killed search left in the study's artifact folder that nothing will
+    ever use; returns ``(file name, why)`` for each.  Called once interrupted trials are closed.
+
+    Only a file of a trial the study knows and no process is running is touched, and never one a
+    trial record names:
+    - a temporary file of ``write_artifact``: the write was cut off (a finished one is renamed);
+    - ``trial-NNNN.estimate.slim``: a size estimate, which lives only until its size is read;
+    - ``trial-NNNN.slim`` of a trial that is not COMPLETE: written, then the search died before
+      the trial was recorded, so it was closed as interrupted.
+    A file of a trial the study does not know (another storage, or a trial asked by a worker after
+    the study was read) is left alone: nothing proves it is an orphan."""
+    import optuna
+
+    from slimforge.core.artifact import temporary_target
+    from slimforge.search.objective import TRIAL_FILE
+
+    trials = {t.number: t for t in backend.study.get_trials(deepcopy=False)}
+    named = {Path(r["artifact_path"]).name for r in backend.records() if r.get("artifact_path")}
+    removed = []
+    for path in sorted(artifact_dir.iterdir()):
+        target = temporary_target(path.name)
+        match = TRIAL_FILE.match(target or path.name)
+        trial = trials.get(int(match["number"])) if match else None
+        if (trial is None or trial.state == optuna.trial.TrialState.RUNNING or path.name in named
+                or not path.is_file()):
+            continue
+        if target is not None:
+            why = "cut-off write"
+        elif match["estimate"]:
+            why = "size estimate"
+        elif trial.state != optuna.trial.TrialState.COMPLETE:
+            why = f"trial {trial.number} not recorded complete"
+        else:
+            continue
+        path.unlink(missing_ok=True)
+        removed.append((path.name, why))
+    return removed
+
+
+def _log_removed(removed: list[tuple[str, str]], artifact_dir: Path) -> None:
+    if removed:
+        _log(f"removed {len(removed)} file(s) a killed search left in {artifact_dir}: "
+             + ", ".join(f"{name} ({why})" for name, why in removed))
 
 
 def _make_pool(task: Task, runner: TrialRunner, settings: SearchSettings):

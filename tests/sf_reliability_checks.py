@@ -82,6 +82,14 @@ def check_one_mlflow_run_per_trial(uri: str, summary: dict, trials: int) -> None
         assert run.info.status in ("FINISHED", "FAILED")
 
 
+def check_only_recorded_artifacts_left(root: Path, summary: dict) -> None:
+    """Every file in the study's artifact folder is an artifact a trial record names: whatever a
+    kill left half-done (a cut-off write, a size estimate, an unrecorded trial's artifact) was
+    removed when the study resumed."""
+    named = sorted(Path(t["artifact_path"]).name for t in summary["trials"] if t["artifact_path"])
+    assert sorted(p.name for p in (root / "out" / "artifacts" / STUDY).iterdir()) == named
+
+
 def check_parent_runs_ended(uri: str) -> list:
     """No search of the study leaves its MLflow parent run RUNNING: the last one FINISHED, and one a
     kill left RUNNING was ended KILLED by the search that resumed the study, which its tag names.

@@ -20,8 +20,8 @@ import pytest
 
 import sf_testing_models
 from sf_reliability_checks import (check_artifacts_and_registry, check_one_mlflow_run_per_trial,
-                                   check_parent_runs_ended, check_study_and_summary, fault_env, search_argv,
-                                   study_trials, tiny_config)
+                                   check_only_recorded_artifacts_left, check_parent_runs_ended,
+                                   check_study_and_summary, fault_env, search_argv, study_trials, tiny_config)
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -113,5 +113,6 @@ def test_kill_at_random_moments(subprocess_env, slimforge_cmd, tmp_path):
     check_study_and_summary(storage, summary, closed, trials)
     check_one_mlflow_run_per_trial(f"sqlite:///{tmp_path / 'mlflow.db'}", summary, trials)
     check_parent_runs_ended(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    check_only_recorded_artifacts_left(tmp_path, summary)
     check_artifacts_and_registry(tmp_path, summary, f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny-compressed")
     print("kill moments (seconds after start, exit code):", moments)
