@@ -34,7 +34,7 @@ from slimforge.core.plan import Plan
 from slimforge.core.task import Task
 from slimforge.search.budgets import Budgets
 from slimforge.search.objective import TrialRunner
-from slimforge.search.pareto import pareto_front
+from slimforge.search.pareto import pareto_front, registration_floor
 from slimforge.search.planner import Planner
 from slimforge.search.executor import failed_record
 from slimforge.search.records import COMPLETE, FAILED, REJECTED, SearchResult, TrialRecord, record_from_dict
@@ -90,6 +90,10 @@ class SearchSettings:
     cpus_per_trial: float = 1.0  # Ray resources per trial (fractions allowed)
     gpus_per_trial: float = 0.0
     scheduler: str = "fifo"  # ray only: fifo runs every trial to the end; asha stops weak ones per epoch
+    # Pareto members below a registration floor are reported, not registered.  Both None: the
+    # default floor (``search.pareto.registration_floor``); with both set the stricter wins.
+    register_min_accuracy: float | None = None  # a fraction, e.g. 0.9
+    register_max_accuracy_drop: float | None = None  # from the baseline's validation metric, e.g. 0.1 (10 pt)
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -110,6 +114,10 @@ class SearchSettings:
             raise ConfigError(f"--cpus-per-trial: must be > 0, got {self.cpus_per_trial}")
         if self.gpus_per_trial < 0:
             raise ConfigError(f"--gpus-per-trial: must be >= 0, got {self.gpus_per_trial}")
+        for name, value in (("--register-min-accuracy", self.register_min_accuracy),
+                            ("--register-max-accuracy-drop", self.register_max_accuracy_drop)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name}: must be a fraction between 0 and 1, got {value}")
         if self.backend != "ray":
             for name, value, default in (("--ray-address", self.ray_address, None), ("--scheduler", self.scheduler, "fifo"),
                                          ("--cpus-per-trial", self.cpus_per_trial, 1.0),
@@ -262,11 +270,16 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         if tracker is not None:
             _adopt_untracked(records, plugins)
         pareto = pareto_front(records)
+        floor = registration_floor(baseline.accuracy, min_accuracy=settings.register_min_accuracy,
+                                   max_accuracy_drop=settings.register_max_accuracy_drop,
+                                   budget_min_accuracy=budgets.min_accuracy)
         for member in pareto:  # the only place the test split is used
             member.test_measurements = runner.measure(member.artifact_path, "test")
+            member.not_registered = floor.why_not_registered(member)
         result = SearchResult(study_name=settings.study, task=task.name, budgets=budgets.to_dict(),
                               baseline=baseline, baseline_test=baseline_test, trials=records, pareto=pareto,
-                              settings=settings.to_dict(), metric=task.metric_name)
+                              settings=settings.to_dict(), metric=task.metric_name,
+                              registration_floor=floor.to_dict())
         write_reports(result, settings.out_dir)  # before search_end: trackers attach these files
         plugins.search_end(result)
     except BaseException as exc:  # Ctrl-C included: the tracker ends its parent run KILLED, not RUNNING forever

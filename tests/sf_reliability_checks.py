@@ -47,9 +47,10 @@ def study_trials(storage: str, study: str = STUDY) -> dict[int, tuple[str, dict 
 
 
 def comparable(record: dict) -> dict:
-    # Links are added when trackers see a trial, Pareto members' test numbers are re-measured by
-    # every run, and a note marks a recovered trial.  Everything else must never change.
-    return {k: v for k, v in record.items() if k not in ("links", "test_measurements", "notes")}
+    # Links are added when trackers see a trial, Pareto members' test numbers and registration
+    # decisions are made again by every run, and a note marks a recovered trial.  Everything else
+    # must never change.
+    return {k: v for k, v in record.items() if k not in ("links", "test_measurements", "not_registered", "notes")}
 
 
 def check_study_and_summary(storage: str, summary: dict, closed_before_a_kill: dict[int, dict], trials: int) -> None:
@@ -125,7 +126,7 @@ def check_artifacts_and_registry(root: Path, summary: dict, uri: str, model: str
             assert path.stat().st_size == trial["measurements"]["size_bytes"]
     client = _client(uri)
     versions = client.search_model_versions(f"name='{model}'") if client.search_registered_models() else []
-    pareto = {m["number"]: m for m in summary["pareto"]}
+    pareto = {m["number"]: m for m in summary["pareto"] if m["not_registered"] is None}  # above the registration floor
     assert sorted(int(v.tags["trial"]) for v in versions) == sorted(pareto)  # each member registered once
     registry = Plugins().registry
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

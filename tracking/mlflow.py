@@ -2,8 +2,9 @@
 
 Search = parent run, trial = nested run (params: the plan; metrics: measurements; tags: state,
 failure reason).  Everything per trial goes out in one ``log_batch`` call so logging stays small
-next to trial time.  Only Pareto members get a model logged (pyfunc wrapping the artifact) and
-registered as a version of one registered model, tagged with trial, plan and measurements.
+next to trial time.  Only Pareto members at or above the registration floor (``not_registered`` is
+None; see ``search.pareto.registration_floor``) get a model logged (pyfunc wrapping the artifact)
+and registered as a version of one registered model, tagged with trial, plan and measurements.
 
 Every MLflow write is an *operation* (a plain dict: search_start, trial, register, search_end)
 executed by ``MlflowWriter``.  When one cannot be completed (server down, network cut, a timeout)
@@ -521,8 +522,9 @@ class MlflowTracker:
 
         started = time.perf_counter()
         example = self._task.example_inputs(2)[0].numpy().astype(np.float32)
-        registrations, registry = {}, Plugins().registry if result.pareto else None
-        for member in result.pareto:
+        registered = [member for member in result.pareto if member.not_registered is None]
+        registrations, registry = {}, Plugins().registry if registered else None
+        for member in registered:
             # The model's answer to the input example goes into the signature.  Computed here, with
             # the search's own task, so a replay needs neither the task nor its factories.
             loaded = load_model(member.artifact_path, registry, task=self._task)
@@ -541,8 +543,12 @@ class MlflowTracker:
         counts = result.counts()
         metrics = {f"trials_{k}": v for k, v in counts.items()}
         metrics.update(mlflow_logging_trial_mean_s=cost["trial_mean_s"], mlflow_logging_trial_max_s=cost["trial_max_s"])
+        tags = {"pareto_trials": ",".join(str(m.number) for m in result.pareto),
+                "registered_trials": ",".join(str(m.number) for m in registered)}
+        if result.registration_floor:
+            tags["registration_floor"] = f"{result.registration_floor['min_accuracy']:.4f} ({result.registration_floor['rule']})"
         self.pending.append(self._op(
-            "search_end", metrics=metrics, tags={"pareto_trials": ",".join(str(m.number) for m in result.pareto)},
+            "search_end", metrics=metrics, tags=tags,
             artifacts=[str(out_dir / name) for name in ("summary.json", "trials.csv", "pareto.png")]))
         self._flush()
 
@@ -563,9 +569,11 @@ class MlflowTracker:
         cost["search_end_s"] = round(time.perf_counter() - started, 4)
         result.links["mlflow_logging"] = cost
         versions = ", ".join(f"v{link['model_version']}" for link in links.values())
+        below_floor = len(result.pareto) - len(registered)
         line = (f"mlflow: {cost['trials']} trial(s) logged, {cost['trial_mean_s'] * 1000:.0f} ms mean / "
                 f"{cost['trial_max_s'] * 1000:.0f} ms max per trial; registered {len(links)} of "
-                f"{len(result.pareto)} Pareto member(s){' (' + versions + ')' if versions else ''} in "
+                f"{len(result.pareto)} Pareto member(s){' (' + versions + ')' if versions else ''}"
+                f"{f', {below_floor} below the registration floor' if below_floor else ''} in "
                 f"{cost['search_end_s']:.1f} s")
         if self.pending:
             result.links["mlflow_pending"] = {"operations": len(self.pending), "journal": str(self.journal)}
