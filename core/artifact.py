@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import lzma
 import os
+import re
 import secrets
 import struct
 import warnings
@@ -371,12 +372,27 @@ def decode_tensors(data: bytes) -> tuple[dict, dict]:
     return _decode(bytes(data), "<bytes>")
 
 
+# ``write_artifact`` writes ``.NAME.<8 hex digits>.tmp`` next to ``NAME`` and renames it: hidden,
+# in the same folder (so the rename is atomic), with a random part (two writers never share one).
+_TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _temporary_path(path: str) -> str:
+    return os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+
+
+def temporary_target(name: str) -> str | None:
+    """The file name that ``name``, a temporary file of ``write_artifact``, was being written
+    for; None when ``name`` is not such a file.  One left behind is a write a kill cut off."""
+    match = _TEMPORARY_NAME.match(name)
+    return match["target"] if match else None
+
+
 def write_artifact(path, tensors: dict, meta: dict) -> int:
     """Atomically write the artifact; returns its size in bytes."""
     path = os.fspath(path)
     data = encode_tensors(tensors, meta)
-    tmp = os.path.join(os.path.dirname(path) or ".",
-                       f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    tmp = _temporary_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: honour umask
     try:
         with os.fdopen(fd, "wb") as f:

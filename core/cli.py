@@ -33,7 +33,7 @@ SEARCH_KEYS = {"trials", "timeout", "seed", "study", "storage", "out", "techniqu
                "disable_plugins", "strict_plugins", "sampler", "workers", "trial_timeout", "trial_memory_limit",
                "tracking_uri", "tracking", "experiment", "registered_model", "latency_threads",
                "latency_repeats", "latency_batch_size", "latency_cuda_graph", "backend", "ray_address", "cpus_per_trial",
-               "gpus_per_trial", "scheduler"}
+               "gpus_per_trial", "scheduler", "register_min_accuracy", "register_max_accuracy_drop"}
 BUDGET_KEYS = {"max_size", "max_latency", "min_accuracy", "max_accuracy_drop"}
 # The TOML type each [search] key takes (checked before use: a wrong type is a one-line error).
 _INT, _NUMBER, _BOOL, _TEXT = ("an integer", (int,)), ("a number", (int, float)), ("true or false", (bool,)), \
@@ -47,6 +47,8 @@ SEARCH_KEY_TYPES = {
     "techniques": ("a list of names or a comma-separated string", (list, str)),
     "disable_plugins": ("a list of names or a comma-separated string", (list, str)),
     "trial_memory_limit": ("a size like \"4GB\" or a number of bytes", (str, int)),
+    "register_min_accuracy": ("a fraction like 0.9 or a percentage like \"90%\"", (str, int, float)),
+    "register_max_accuracy_drop": ("points like \"10pt\" or a fraction like 0.1", (str, int, float)),
 }
 
 
@@ -141,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     track.add_argument("--experiment", help="MLflow experiment name (default slimforge)")
     track.add_argument("--registered-model", help="registered model name for Pareto members (default <task>-compressed)")
+    track.add_argument("--register-min-accuracy", help="register only Pareto members with at least this validation "
+                                                       "metric: 0.9 or 90%%; the others stay in the summary, marked "
+                                                       "not registered (default: the baseline's minus 10pt, or the "
+                                                       "accuracy budget where that is lower)")
+    track.add_argument("--register-max-accuracy-drop", help="register only Pareto members within this drop from the "
+                                                            "uncompressed model's validation metric: 10pt (= 10%% = "
+                                                            "0.1); with --register-min-accuracy the stricter wins")
 
     evaluate = sub.add_parser("evaluate", help="load an artifact on its own and measure it on the test split")
     evaluate.add_argument("artifact", type=Path)
@@ -210,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _search_settings(args, file_search: dict):
     from slimforge.core.measure import LatencySettings
-    from slimforge.search.budgets import parse_size
+    from slimforge.search.budgets import parse_accuracy, parse_accuracy_drop, parse_size
     from slimforge.search.engine import SearchSettings
 
     for key in file_search:
@@ -240,6 +249,10 @@ def _search_settings(args, file_search: dict):
               "gpus_per_trial": merged.get("gpus_per_trial"), "scheduler": merged.get("scheduler"),
               "trial_memory_limit": (parse_size(merged["trial_memory_limit"], "--trial-memory-limit")
                                      if merged.get("trial_memory_limit") is not None else None)}
+    for key, parse in (("register_min_accuracy", parse_accuracy), ("register_max_accuracy_drop", parse_accuracy_drop)):
+        if merged.get(key) is not None:  # same formats as the budgets --min-accuracy and --max-accuracy-drop
+            field = "--" + key.replace("_", "-") if getattr(args, key) is not None else f"[search] {key}"
+            kwargs[key] = parse(merged[key], field)
     return SearchSettings(**{k: v for k, v in kwargs.items() if v is not None})
 
 
@@ -312,9 +325,15 @@ def format_result(result) -> str:
     for r in result.pareto:
         m, t = r.measurements, r.test_measurements
         ratio = result.baseline.size_bytes / m.size_bytes
-        version = r.links.get("model_version", "-")
+        version = r.links.get("model_version", "floor" if r.not_registered else "-")
         lines.append(f"{r.number:>5}  {m.accuracy:>7.4f}  {t.accuracy:>8.4f}  {m.size_bytes / 1000:>8.1f}  "
                      f"{ratio:>5.1f}x  {m.latency_ms:>7.3f}  {version!s:>7}  {r.plan_text}")
+    below = [str(r.number) for r in result.pareto if r.not_registered]
+    if below:
+        floor = result.registration_floor
+        lines.append(f"not registered (version 'floor'): trial(s) {', '.join(below)}, below the registration floor "
+                     f"{floor['min_accuracy']:.4f} ({floor['rule']}); set it with --register-min-accuracy or "
+                     "--register-max-accuracy-drop")
     return "\n".join(lines)
 
 
@@ -394,7 +413,7 @@ def cmd_sync(args) -> int:
         return 0
     counts = report.counts()
     names = {"search_start": "search run(s)", "trial": "trial run(s)", "register": "registered version(s)",
-             "search_end": "search(es) finished"}
+             "search_end": "search(es) ended"}
     done = ", ".join(f"{counts[k]} {v}" for k, v in names.items() if counts.get(k)) or "nothing"
     versions = [o["links"] for op, o in report.done if op["op"] == "register"]
     if versions:

@@ -77,6 +77,17 @@ def slimforge_search_end(result):
     """
 
 
+@hookspec
+def slimforge_search_stopped(error):
+    """(provisional) A search that called ``slimforge_search_start`` ends without reaching
+    ``slimforge_search_end``: ``error`` is the exception that stopped it (``KeyboardInterrupt``
+    for Ctrl-C).  Trackers close what they opened at the start.  Return values are ignored.
+
+    A search killed outright (SIGKILL, power loss) never gets here; the next search of the same
+    study cleans up after it instead.
+    """
+
+
 # --- measurement: first non-None result wins; the core defaults are registered last ------------
 
 

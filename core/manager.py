@@ -156,6 +156,9 @@ class Plugins:
                 if number in members:
                     members[number].links.update(links)
 
+    def search_stopped(self, error: BaseException) -> None:
+        self.pm.hook.slimforge_search_stopped(error=error)
+
     def measure_size(self, path) -> int:
         return int(self.pm.hook.slimforge_measure_size(path=path))
 

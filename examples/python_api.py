@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nPareto front, best {task.metric_name} first:")
     for member in result.pareto:  # TrialRecord: measurements on val, test_measurements on test
         val, test = member.measurements, member.test_measurements
-        version = member.links.get("model_version", "-")
+        # A member below the registration floor is reported, not registered; not_registered says why.
+        version = member.links.get("model_version", f"- ({member.not_registered})" if member.not_registered else "-")
         print(f"  trial {member.number:>3}: {task.metric_name} {val.accuracy:.4f} val / {test.accuracy:.4f} test, "
               f"{val.size_bytes / 1000:.1f} KB ({base.size_bytes / val.size_bytes:.1f}x smaller), "
               f"{val.latency_ms:.3f} ms, mlflow version {version}")

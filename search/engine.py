@@ -34,7 +34,7 @@ from slimforge.core.plan import Plan
 from slimforge.core.task import Task
 from slimforge.search.budgets import Budgets
 from slimforge.search.objective import TrialRunner
-from slimforge.search.pareto import pareto_front
+from slimforge.search.pareto import pareto_front, registration_floor
 from slimforge.search.planner import Planner
 from slimforge.search.executor import failed_record
 from slimforge.search.records import COMPLETE, FAILED, REJECTED, SearchResult, TrialRecord, record_from_dict
@@ -90,6 +90,10 @@ class SearchSettings:
     cpus_per_trial: float = 1.0  # Ray resources per trial (fractions allowed)
     gpus_per_trial: float = 0.0
     scheduler: str = "fifo"  # ray only: fifo runs every trial to the end; asha stops weak ones per epoch
+    # Pareto members below a registration floor are reported, not registered.  Both None: the
+    # default floor (``search.pareto.registration_floor``); with both set the stricter wins.
+    register_min_accuracy: float | None = None  # a fraction, e.g. 0.9
+    register_max_accuracy_drop: float | None = None  # from the baseline's validation metric, e.g. 0.1 (10 pt)
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -112,6 +116,10 @@ class SearchSettings:
             raise ConfigError(f"--cpus-per-trial: must be > 0, got {self.cpus_per_trial}")
         if self.gpus_per_trial < 0:
             raise ConfigError(f"--gpus-per-trial: must be >= 0, got {self.gpus_per_trial}")
+        for name, value in (("--register-min-accuracy", self.register_min_accuracy),
+                            ("--register-max-accuracy-drop", self.register_max_accuracy_drop)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name}: must be a fraction between 0 and 1, got {value}")
         if self.backend != "ray":
             for name, value, default in (("--ray-address", self.ray_address, None), ("--scheduler", self.scheduler, "fifo"),
                                          ("--cpus-per-trial", self.cpus_per_trial, 1.0),
@@ -247,13 +255,16 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         tracker = MlflowTracker(tracking_uri=settings.tracking_uri, experiment=settings.experiment,
                                 registered_model=settings.registered_model)
         plugins.register(tracker, name="slimforge.tracking.mlflow")
+    search_started = False
     try:
         # Trials a killed search left RUNNING are closed below, once the trackers have started.
         backend = OptunaBackend(storage=settings.storage, study_name=settings.study, seed=settings.seed, budgets=budgets,
                                 close_interrupted=False, sampler_name=settings.sampler)
         plugins.configure(settings.to_dict())
         plugins.search_start(settings=settings.to_dict() | {"budgets": budgets.to_dict()}, task=task, baseline=baseline)
+        search_started = True
         _close_interrupted(backend, plugins)
+        _log_removed(remove_orphaned_files(backend, artifact_dir), artifact_dir)
         # Only now may `slimforge worker`s join: a worker's RUNNING trial is not an interrupted one.
         _store_settings(backend, task, runner, settings, baseline)
         runner.history.extend(record_from_dict(r) for r in backend.records())
@@ -265,13 +276,22 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         if tracker is not None:
             _adopt_untracked(records, plugins)
         pareto = pareto_front(records)
+        floor = registration_floor(baseline.accuracy, min_accuracy=settings.register_min_accuracy,
+                                   max_accuracy_drop=settings.register_max_accuracy_drop,
+                                   budget_min_accuracy=budgets.min_accuracy)
         for member in pareto:  # the only place the test split is used
             member.test_measurements = runner.measure(member.artifact_path, "test")
+            member.not_registered = floor.why_not_registered(member)
         result = SearchResult(study_name=settings.study, task=task.name, budgets=budgets.to_dict(),
                               baseline=baseline, baseline_test=baseline_test, trials=records, pareto=pareto,
-                              settings=settings.to_dict(), metric=task.metric_name, loop_seconds=ctx.loop_seconds)
+                              settings=settings.to_dict(), metric=task.metric_name, loop_seconds=ctx.loop_seconds,
+                              registration_floor=floor.to_dict())
         write_reports(result, settings.out_dir)  # before search_end: trackers attach these files
         plugins.search_end(result)
+    except BaseException as exc:  # Ctrl-C included: the tracker ends its parent run KILLED, not RUNNING forever
+        if search_started:
+            plugins.search_stopped(exc)
+        raise
     finally:
         if tracker is not None:
             plugins.unregister(tracker)
@@ -514,6 +534,52 @@ def _close_interrupted(backend, plugins: Plugins) -> None:
         _log(f"trial {record.number}: " + (record.failure_reason if record.state == FAILED
                                            else "recovered: it was measured before the search was stopped"))
         finish_trial(backend, plugins, trial, record)
+
+
+def remove_orphaned_files(backend, artifact_dir: Path) -> list[tuple[str, str]]:
+    """Delete the files a killed search left in the study's artifact folder that nothing will
+    ever use; returns ``(file name, why)`` for each.  Called once interrupted trials are closed.
+
+    Only a file of a trial the study knows and no process is running is touched, and never one a
+    trial record names:
+    - a temporary file of ``write_artifact``: the write was cut off (a finished one is renamed);
+    - ``trial-NNNN.estimate.slim``: a size estimate, which lives only until its size is read;
+    - ``trial-NNNN.slim`` of a trial that is not COMPLETE: written, then the search died before
+      the trial was recorded, so it was closed as interrupted.
+    A file of a trial the study does not know (another storage, or a trial asked by a worker after
+    the study was read) is left alone: nothing proves it is an orphan."""
+    import optuna
+
+    from slimforge.core.artifact import temporary_target
+    from slimforge.search.objective import TRIAL_FILE
+
+    trials = {t.number: t for t in backend.study.get_trials(deepcopy=False)}
+    named = {Path(r["artifact_path"]).name for r in backend.records() if r.get("artifact_path")}
+    removed = []
+    for path in sorted(artifact_dir.iterdir()):
+        target = temporary_target(path.name)
+        match = TRIAL_FILE.match(target or path.name)
+        trial = trials.get(int(match["number"])) if match else None
+        if (trial is None or trial.state == optuna.trial.TrialState.RUNNING or path.name in named
+                or not path.is_file()):
+            continue
+        if target is not None:
+            why = "cut-off write"
+        elif match["estimate"]:
+            why = "size estimate"
+        elif trial.state != optuna.trial.TrialState.COMPLETE:
+            why = f"trial {trial.number} not recorded complete"
+        else:
+            continue
+        path.unlink(missing_ok=True)
+        removed.append((path.name, why))
+    return removed
+
+
+def _log_removed(removed: list[tuple[str, str]], artifact_dir: Path) -> None:
+    if removed:
+        _log(f"removed {len(removed)} file(s) a killed search left in {artifact_dir}: "
+             + ", ".join(f"{name} ({why})" for name, why in removed))
 
 
 def _make_pool(task: Task, runner: TrialRunner, settings: SearchSettings):

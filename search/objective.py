@@ -7,6 +7,7 @@ honest: the bytes are the file's, and the accuracy and latency are of what a use
 from __future__ import annotations
 
 import copy
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -31,6 +32,13 @@ from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord
 SIZE_ESTIMATE_SLACK = 0.02
 # Early stopping assumes a trial may still gain at least this much per remaining epoch.
 MIN_EPOCH_GAIN = 0.005
+# A trial's files in the artifact folder: its artifact, and the size estimate made before
+# fine-tuning (deleted once its size is known).  ``TRIAL_FILE`` recognises both.
+TRIAL_FILE = re.compile(r"^trial-(?P<number>\d{4,})(?P<estimate>\.estimate)?\.slim$")
+
+
+def trial_artifact_path(artifact_dir: Path, number: int, *, estimate: bool = False) -> Path:
+    return artifact_dir / f"trial-{number:04d}{'.estimate' if estimate else ''}.slim"
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -119,7 +127,7 @@ class TrialRunner:
 
     def _run(self, plan: Plan, record: TrialRecord) -> None:
         torch.manual_seed(plan.seed)
-        artifact = self.artifact_dir / f"trial-{record.number:04d}.slim"
+        artifact = trial_artifact_path(self.artifact_dir, record.number)
         before_sharing, sharing, finishing = self._split_steps(plan)
         model, applied = self._apply(copy.deepcopy(self.task.teacher), before_sharing, plan, record)
 
@@ -130,7 +138,7 @@ class TrialRunner:
             # estimate also feeds the early-stopping dominance rule.
             estimate_model, estimate_applied = self._apply(copy.deepcopy(model), sharing + finishing, plan,
                                                            TrialRecord(0, "", {}, ""))
-            estimate_path = artifact.with_suffix(".estimate.slim")
+            estimate_path = trial_artifact_path(self.artifact_dir, record.number, estimate=True)
             try:
                 size_estimate = save_model(estimate_model, estimate_path, task=self.task, plan=plan,
                                            structure=[step.ctx.structure for step in applied + estimate_applied])

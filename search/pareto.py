@@ -1,4 +1,5 @@
-"""The Pareto front of feasible trials: accuracy up, size down, latency down.
+"""The Pareto front of feasible trials (accuracy up, size down, latency down), and which of its
+members are registered in the Model Registry (``RegistrationFloor``).
 
 Accuracy and size are exact (the metric on a fixed split, the bytes of a file), but latency is a
 median of timed repeats on a shared machine and wobbles by a few percent.  With plain dominance a
@@ -10,10 +11,16 @@ optimises the raw values; this only decides what we report and register.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 from slimforge.search.records import COMPLETE, TrialRecord
 
 LATENCY_TOLERANCE = 0.05  # relative; within it two latencies are treated as equal
+# Without an accuracy budget, the front keeps its smallest points however inaccurate: a collapsed,
+# chance-level model is tiny and so never dominated.  It stays on the reported front, but a model
+# registered for deployment must not be one, so by default only members that lose at most this
+# much against the uncompressed model are registered.
+DEFAULT_REGISTER_MAX_ACCURACY_DROP = 0.10
 
 
 def _no_worse(a: TrialRecord, b: TrialRecord, tolerance: float) -> bool:
@@ -45,3 +52,45 @@ def pareto_front(records: Sequence[TrialRecord], tolerance: float = LATENCY_TOLE
         front.append(record)
     front.sort(key=lambda r: (-r.measurements.accuracy, r.measurements.size_bytes))
     return front
+
+
+@dataclass(frozen=True)
+class RegistrationFloor:
+    """The accuracy a Pareto member needs to be registered, and the rule that set it."""
+
+    min_accuracy: float
+    rule: str  # e.g. "baseline 0.9840 - 10 pt (default)"
+
+    def why_not_registered(self, record: TrialRecord) -> str | None:
+        """None when ``record`` is registered; otherwise the reason, for the summary."""
+        accuracy = record.measurements.accuracy
+        if accuracy >= self.min_accuracy - 1e-9:  # "at least the floor": a member exactly on it is registered
+            return None
+        return f"accuracy {accuracy:.4f} is below the registration floor {self.min_accuracy:.4f} ({self.rule})"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def registration_floor(baseline_accuracy: float, *, min_accuracy: float | None = None,
+                       max_accuracy_drop: float | None = None,
+                       budget_min_accuracy: float | None = None) -> RegistrationFloor:
+    """The floor the user set (``--register-min-accuracy``, ``--register-max-accuracy-drop``; with
+    both, the stricter wins, as with budgets), else the default: the baseline minus
+    ``DEFAULT_REGISTER_MAX_ACCURACY_DROP``, or the accuracy budget where that is looser.  A budget
+    already decides what is feasible, so a user who asked for accuracy down to it gets every
+    feasible member registered."""
+    chosen = []
+    if min_accuracy is not None:
+        chosen.append((min_accuracy, f"--register-min-accuracy {min_accuracy:.4f}"))
+    if max_accuracy_drop is not None:
+        chosen.append((baseline_accuracy - max_accuracy_drop,
+                       f"baseline {baseline_accuracy:.4f} - {max_accuracy_drop * 100:g} pt, --register-max-accuracy-drop"))
+    if chosen:
+        floor, rule = max(chosen)
+    else:
+        floor = baseline_accuracy - DEFAULT_REGISTER_MAX_ACCURACY_DROP
+        rule = f"baseline {baseline_accuracy:.4f} - {DEFAULT_REGISTER_MAX_ACCURACY_DROP * 100:g} pt, the default"
+        if budget_min_accuracy is not None and budget_min_accuracy < floor:
+            floor, rule = budget_min_accuracy, "the accuracy budget, looser than the default"
+    return RegistrationFloor(min_accuracy=round(floor, 6), rule=rule)

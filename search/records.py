@@ -32,6 +32,7 @@ class TrialRecord:
     test_measurements: Measurements | None = None  # filled for Pareto members only
     links: dict[str, Any] = field(default_factory=dict)  # e.g. mlflow_run_id, registered version
     torch_threads: int | None = None  # CPU threads the trial trained with: float sums depend on it
+    not_registered: str | None = None  # Pareto members only: why it is kept out of the Model Registry
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +51,7 @@ class SearchResult:
     links: dict[str, Any] = field(default_factory=dict)
     metric: str = "accuracy"  # name of the task metric that the "accuracy" fields hold
     loop_seconds: dict[int, float] = field(default_factory=dict)  # see SearchContext.loop_seconds
+    registration_floor: dict[str, Any] | None = None  # RegistrationFloor.to_dict(): what Pareto members need to be registered
 
     def loop_overhead(self) -> dict[str, float] | None:
         """Per-trial time the search loop spent outside the trial itself (asking and telling the
@@ -88,6 +90,7 @@ class SearchResult:
             "counts": self.counts(),
             "trials": [r.to_dict() for r in self.trials],
             "pareto": [r.to_dict() for r in self.pareto],
+            "registration_floor": self.registration_floor,
             "closest_to_feasible": self.closest_to_feasible(),
             "links": self.links,
         }

@@ -47,9 +47,10 @@ def study_trials(storage: str, study: str = STUDY) -> dict[int, tuple[str, dict 
 
 
 def comparable(record: dict) -> dict:
-    # Links are added when trackers see a trial, Pareto members' test numbers are re-measured by
-    # every run, and a note marks a recovered trial.  Everything else must never change.
-    return {k: v for k, v in record.items() if k not in ("links", "test_measurements", "notes")}
+    # Links are added when trackers see a trial, Pareto members' test numbers and registration
+    # decisions are made again by every run, and a note marks a recovered trial.  Everything else
+    # must never change.
+    return {k: v for k, v in record.items() if k not in ("links", "test_measurements", "not_registered", "notes")}
 
 
 def check_study_and_summary(storage: str, summary: dict, closed_before_a_kill: dict[int, dict], trials: int) -> None:
@@ -82,6 +83,32 @@ def check_one_mlflow_run_per_trial(uri: str, summary: dict, trials: int) -> None
         assert run.info.status in ("FINISHED", "FAILED")
 
 
+def check_only_recorded_artifacts_left(root: Path, summary: dict) -> None:
+    """Every file in the study's artifact folder is an artifact a trial record names: whatever a
+    kill left half-done (a cut-off write, a size estimate, an unrecorded trial's artifact) was
+    removed when the study resumed."""
+    named = sorted(Path(t["artifact_path"]).name for t in summary["trials"] if t["artifact_path"])
+    assert sorted(p.name for p in (root / "out" / "artifacts" / STUDY).iterdir()) == named
+
+
+def check_parent_runs_ended(uri: str) -> list:
+    """No search of the study leaves its MLflow parent run RUNNING: the last one FINISHED, and one a
+    kill left RUNNING was ended KILLED by the search that resumed the study, which its tag names.
+    Returns the parent runs, oldest first."""
+    client = _client(uri)
+    experiment = client.get_experiment_by_name("slimforge")
+    runs = [r for r in client.search_runs([experiment.experiment_id], "tags.`slimforge.kind` = 'search'",
+                                          max_results=1000, order_by=["attributes.start_time ASC"])
+            if r.data.tags.get("slimforge.study") == STUDY]
+    assert runs and runs[-1].info.status == "FINISHED", [r.info.status for r in runs]
+    ids = [r.info.run_id for r in runs]
+    for run in runs[:-1]:
+        assert run.info.status in ("KILLED", "FINISHED"), run.info.status  # FINISHED: killed after it ended its run
+        if run.info.status == "KILLED":
+            assert ids.index(run.data.tags["slimforge.resumed_by"]) > ids.index(run.info.run_id)
+    return runs
+
+
 def check_artifacts_and_registry(root: Path, summary: dict, uri: str, model: str) -> None:
     import mlflow
     from mlflow.artifacts import download_artifacts
@@ -99,7 +126,7 @@ def check_artifacts_and_registry(root: Path, summary: dict, uri: str, model: str
             assert path.stat().st_size == trial["measurements"]["size_bytes"]
     client = _client(uri)
     versions = client.search_model_versions(f"name='{model}'") if client.search_registered_models() else []
-    pareto = {m["number"]: m for m in summary["pareto"]}
+    pareto = {m["number"]: m for m in summary["pareto"] if m["not_registered"] is None}  # above the registration floor
     assert sorted(int(v.tags["trial"]) for v in versions) == sorted(pareto)  # each member registered once
     registry = Plugins().registry
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -126,6 +126,8 @@ CASES = [
     Case("accuracy floor over 100%", "slimforge search --min-accuracy 150%", [*SEARCH, "--min-accuracy", "150%"]),
     Case("accuracy drop without a number", "slimforge search --max-accuracy-drop lots",
          [*SEARCH, "--max-accuracy-drop", "lots"]),
+    Case("registration floor without a number", "slimforge search --register-max-accuracy-drop lots",
+         [*SEARCH, "--register-max-accuracy-drop", "lots"]),
     _cfg_case("size budget of the wrong type in the config", "[budgets] max_size = true", config(extra="[budgets]\nmax_size = true\n")),
     _cfg_case("misspelt budget in the config", "[budgets] max_sise = '60KB'", config(extra="[budgets]\nmax_sise = '60KB'\n")),
     # techniques, commands, options

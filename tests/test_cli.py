@@ -94,6 +94,10 @@ def test_unknown_search_key_in_config(capsys, tmp_path, write_config):
                                        "max_latency, max_size, min_accuracy"),
     ("[serach]\ntrials = 3\n", "table: unknown 'serach'; valid choices: budgets, search, task"),
     ("[budgets]\nmax_size = '60 kilobytes'\n", "cannot parse '60 kilobytes'"),
+    ("[search]\nregister_min_accuracy = '150%'\n",
+     "[search] register_min_accuracy: must be between 0 and 1 (or 0% and 100%), got '150%'"),
+    ("[search]\nregister_max_accuracy_drop = true\n",
+     "[search] register_max_accuracy_drop: expected points like \"10pt\" or a fraction like 0.1, got True"),
 ])
 def test_bad_config_tables(capsys, tmp_path, write_config, extra, expected):
     code, _, err = run_main(capsys, *search_args(tmp_path, "--config", write_config(extra=extra)))
@@ -106,6 +110,7 @@ def test_bad_config_tables(capsys, tmp_path, write_config, extra, expected):
     (["--device", "tpu"], "--device: unknown 'tpu'; valid choices: cpu, cuda"),
     (["--min-accuracy", "150%"], "--min-accuracy: must be between 0 and 1 (or 0% and 100%), got '150%'"),
     (["--max-latency", "fast"], "--max-latency: expected a number, got 'fast'"),
+    (["--register-min-accuracy", "150%"], "--register-min-accuracy: must be between 0 and 1 (or 0% and 100%), got '150%'"),
 ])
 def test_bad_flags(capsys, tmp_path, args, expected):
     code, _, err = run_main(capsys, *search_args(tmp_path, *args))

@@ -27,6 +27,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"
 
 SEED, TRIALS, RESUMED_TRIALS = 36, 5, 6
 MAX_SIZE = 150_000
+# The pruned + int8 member trains one epoch and loses about 12 points against the test teacher
+# (QUICK_TEACHER_EPOCHS): under the default registration floor (10 points).  A floor given on
+# the command line lets it be registered, and this test checks that the flag reaches the registry.
+REGISTER_MAX_ACCURACY_DROP = "20pt"
 TECHNIQUES = "magnitude_pruning,int8_ptq"
 STUDY = "e2e"
 REGISTERED_MODEL = "mnist-lenet5-compressed"
@@ -52,7 +56,7 @@ print(json.dumps(result))
 def _search_argv(root: Path, trials: int) -> list[str]:
     return ["search", "--trials", str(trials), "--max-size", "150KB", "--seed", str(SEED), "--study", STUDY,
             "--techniques", TECHNIQUES, "--out", str(root / "out"), "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--no-progress"]
+            "--register-max-accuracy-drop", REGISTER_MAX_ACCURACY_DROP, "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +134,11 @@ def test_search_writes_a_summary_with_a_pareto_front_under_budget(search_run, pa
         assert member["test_measurements"]["size_bytes"] == size
     baseline = summary["baseline"]["val"]
     assert baseline["size_bytes"] == os.path.getsize(search_run.root / "out" / "baseline.slim")
+    floor = summary["registration_floor"]
+    assert floor["min_accuracy"] == round(baseline["accuracy"] - 0.20, 6)
+    assert floor["rule"].endswith("- 20 pt, --register-max-accuracy-drop")
+    for member in pareto:
+        assert member["not_registered"] is None, "the member is registered: see REGISTER_MAX_ACCURACY_DROP"
 
 
 def test_mlflow_has_one_parent_run_and_a_nested_run_per_trial(search_run, pareto):

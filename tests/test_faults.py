@@ -19,8 +19,9 @@ import time
 import pytest
 
 import sf_testing_models
-from sf_reliability_checks import (check_artifacts_and_registry, check_one_mlflow_run_per_trial, check_study_and_summary,
-                                   fault_env, search_argv, study_trials, tiny_config)
+from sf_reliability_checks import (check_artifacts_and_registry, check_one_mlflow_run_per_trial,
+                                   check_only_recorded_artifacts_left, check_parent_runs_ended,
+                                   check_study_and_summary, fault_env, search_argv, study_trials, tiny_config)
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -111,5 +112,7 @@ def test_kill_at_random_moments(subprocess_env, slimforge_cmd, tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     check_study_and_summary(storage, summary, closed, trials)
     check_one_mlflow_run_per_trial(f"sqlite:///{tmp_path / 'mlflow.db'}", summary, trials)
+    check_parent_runs_ended(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    check_only_recorded_artifacts_left(tmp_path, summary)
     check_artifacts_and_registry(tmp_path, summary, f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny-compressed")
     print("kill moments (seconds after start, exit code):", moments)

@@ -21,6 +21,7 @@ import subprocess
 import pytest
 
 from sf_reliability_checks import (STUDY, check_artifacts_and_registry, check_one_mlflow_run_per_trial,
+                                   check_only_recorded_artifacts_left, check_parent_runs_ended,
                                    check_study_and_summary, fault_env, search_argv, study_trials, tiny_config)
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -101,12 +102,33 @@ def test_mlflow_has_exactly_one_run_per_trial(killed_and_resumed):
     check_one_mlflow_run_per_trial(k["uri"], k["summary"], TRIALS)
 
 
+def test_each_killed_search_run_is_ended_killed_by_the_run_that_resumed_it(killed_and_resumed):
+    runs = check_parent_runs_ended(killed_and_resumed["uri"])
+    assert len(runs) == len(KILLS) + 1  # every kill point comes after the search opened its run
+    for killed, resumer in zip(runs, runs[1:]):
+        assert killed.info.status == "KILLED"
+        assert killed.data.tags["slimforge.resumed_by"] == resumer.info.run_id
+
+
 def test_no_half_written_artifact_is_recorded_or_registered(killed_and_resumed):
     k = killed_and_resumed
     artifact_dir = k["root"] / "out" / "artifacts" / STUDY
-    # The kill mid-write left a temporary file, never a file under an artifact's name.
-    leftovers = sorted(p.name for p in artifact_dir.iterdir() if p.name.endswith(".tmp"))
-    assert len(leftovers) == 1 and leftovers[0].startswith(".trial-0003."), leftovers
+    # The kill mid-write left a temporary file (removed on resume), never a file under an artifact's name.
     assert not (artifact_dir / "trial-0003.slim").exists()
     assert k["summary"]["pareto"], "the registry kill needs Pareto members"
     check_artifacts_and_registry(k["root"], k["summary"], k["uri"], k["model"])
+
+
+def test_resuming_removes_the_files_a_kill_left_and_only_those(killed_and_resumed):
+    k = killed_and_resumed
+    kill_names = [name for name, _ in KILLS]
+
+    def removal_lines(after_kill: str) -> list[str]:
+        _, _, resumed = k["runs"][kill_names.index(after_kill) + 1]
+        return [line for line in resumed.stderr.splitlines() if line.startswith("removed ")]
+
+    (line,) = removal_lines("artifact")  # one line says what was removed
+    assert ".trial-0003." in line and ".tmp (cut-off write)" in line, line
+    (line,) = removal_lines("measure")  # trial 1's artifact was written, then the search died timing it
+    assert "trial-0001.slim (trial 1 not recorded complete)" in line, line
+    check_only_recorded_artifacts_left(k["root"], k["summary"])

@@ -2,8 +2,9 @@
 
 Search = parent run, trial = nested run (params: the plan; metrics: measurements; tags: state,
 failure reason).  Everything per trial goes out in one ``log_batch`` call so logging stays small
-next to trial time.  Only Pareto members get a model logged (pyfunc wrapping the artifact) and
-registered as a version of one registered model, tagged with trial, plan and measurements.
+next to trial time.  Only Pareto members at or above the registration floor (``not_registered`` is
+None; see ``search.pareto.registration_floor``) get a model logged (pyfunc wrapping the artifact)
+and registered as a version of one registered model, tagged with trial, plan and measurements.
 
 Every MLflow write is an *operation* (a plain dict: search_start, trial, register, search_end)
 executed by ``MlflowWriter``.  When one cannot be completed (server down, network cut, a timeout)
@@ -54,6 +55,9 @@ MAX_TAG_LENGTH = 5000
 
 KIND_TAG, SEARCH_ID_TAG, STUDY_TAG, STUDY_ID_TAG = ("slimforge.kind", "slimforge.search_id", "slimforge.study",
                                                    "slimforge.study_id")
+# On a parent run that did not finish: the run of the search that resumed its study after a kill,
+# or what stopped the search (Ctrl-C, an error).
+RESUMED_BY_TAG, STOPPED_BY_TAG = "slimforge.resumed_by", "slimforge.stopped_by"
 
 # MLflow's HTTP defaults (7 retries with exponential back-off, 120 s timeout) turn a dead server
 # into minutes per call.  Unreachable is not fatal here (operations go to the journal), so fail
@@ -260,11 +264,32 @@ class MlflowWriter:
         run = self._find_run(op, ids) if self._repeat(op) else None
         if run is None:
             run = client.create_run(self.experiment_id(op), start_time=op["time_ms"], run_name=op["study"],
-                                    tags={**ids, STUDY_TAG: op["study"], "slimforge.task": op["task"]})
+                                    tags={**ids, STUDY_TAG: op["study"], STUDY_ID_TAG: op["study_id"],
+                                          "slimforge.task": op["task"]})
         run_id = run.info.run_id
         self._parents[(self.uri(op), op["search_id"])] = run_id
         self._log(client, run_id, op["time_ms"], params=op["params"], metrics=op["metrics"], tags=op["tags"])
+        self._end_stale_parents(op, run_id)
         return {"run_id": run_id}
+
+    def _end_stale_parents(self, op: dict, resumed_by: str) -> None:
+        """End, as KILLED, the parent runs of earlier searches of this study that are still
+        RUNNING: a search killed outright (SIGKILL, power loss) never ended its run, and only the
+        next search of the study can.  Each is tagged with the run that resumed the study.
+
+        The resumed search keeps a parent run of its own rather than reopening the stale one: each
+        invocation logs its settings as params, a resume may change them (``--trials``, budgets),
+        and MLflow refuses to change a param.  Trial runs are keyed by study and trial number, not
+        by parent, so every trial still has exactly one run.  Runs are matched by study id (name +
+        storage), never by name alone: another folder's study of the same name may be running."""
+        client = self.client(op)
+        stale = client.search_runs(
+            [self.experiment_id(op)], f"tags.`{KIND_TAG}` = 'search' and tags.`{STUDY_ID_TAG}` = '{op['study_id']}' "
+            "and attributes.status = 'RUNNING'", max_results=1000)
+        for run in stale:
+            if run.info.run_id != resumed_by:
+                client.set_tag(run.info.run_id, RESUMED_BY_TAG, resumed_by)
+                client.set_terminated(run.info.run_id, "KILLED", end_time=op["time_ms"])
 
     def _study_trials(self, op: dict) -> dict[int, tuple[str, bool]]:
         """Trial runs the study already has in MLflow, ``number -> (run id, finished)``: fetched
@@ -383,7 +408,8 @@ class MlflowWriter:
         for path in op["artifacts"]:
             if Path(path).exists():  # re-uploading the same name replaces it: safe to repeat
                 client.log_artifact(parent, path)
-        client.set_terminated(parent, "FINISHED", end_time=op["time_ms"])
+        # FINISHED; KILLED or FAILED for a search that stopped early (``slimforge_search_stopped``)
+        client.set_terminated(parent, op.get("status", "FINISHED"), end_time=op["time_ms"])
         return {"run_id": parent}
 
 
@@ -496,8 +522,9 @@ class MlflowTracker:
 
         started = time.perf_counter()
         example = self._task.example_inputs(2)[0].numpy().astype(np.float32)
-        registrations, registry = {}, Plugins().registry if result.pareto else None
-        for member in result.pareto:
+        registered = [member for member in result.pareto if member.not_registered is None]
+        registrations, registry = {}, Plugins().registry if registered else None
+        for member in registered:
             # The model's answer to the input example goes into the signature.  Computed here, with
             # the search's own task, so a replay needs neither the task nor its factories.
             loaded = load_model(member.artifact_path, registry, task=self._task)
@@ -516,8 +543,12 @@ class MlflowTracker:
         counts = result.counts()
         metrics = {f"trials_{k}": v for k, v in counts.items()}
         metrics.update(mlflow_logging_trial_mean_s=cost["trial_mean_s"], mlflow_logging_trial_max_s=cost["trial_max_s"])
+        tags = {"pareto_trials": ",".join(str(m.number) for m in result.pareto),
+                "registered_trials": ",".join(str(m.number) for m in registered)}
+        if result.registration_floor:
+            tags["registration_floor"] = f"{result.registration_floor['min_accuracy']:.4f} ({result.registration_floor['rule']})"
         self.pending.append(self._op(
-            "search_end", metrics=metrics, tags={"pareto_trials": ",".join(str(m.number) for m in result.pareto)},
+            "search_end", metrics=metrics, tags=tags,
             artifacts=[str(out_dir / name) for name in ("summary.json", "trials.csv", "pareto.png")]))
         self._flush()
 
@@ -538,9 +569,11 @@ class MlflowTracker:
         cost["search_end_s"] = round(time.perf_counter() - started, 4)
         result.links["mlflow_logging"] = cost
         versions = ", ".join(f"v{link['model_version']}" for link in links.values())
+        below_floor = len(result.pareto) - len(registered)
         line = (f"mlflow: {cost['trials']} trial(s) logged, {cost['trial_mean_s'] * 1000:.0f} ms mean / "
                 f"{cost['trial_max_s'] * 1000:.0f} ms max per trial; registered {len(links)} of "
-                f"{len(result.pareto)} Pareto member(s){' (' + versions + ')' if versions else ''} in "
+                f"{len(result.pareto)} Pareto member(s){' (' + versions + ')' if versions else ''}"
+                f"{f', {below_floor} below the registration floor' if below_floor else ''} in "
                 f"{cost['search_end_s']:.1f} s")
         if self.pending:
             result.links["mlflow_pending"] = {"operations": len(self.pending), "journal": str(self.journal)}
@@ -548,6 +581,22 @@ class MlflowTracker:
                      f"({self.pending[0].get('last_error', '')}); replay them with: slimforge sync --out {out_dir}")
         print(line, file=sys.stderr, flush=True)
         return links
+
+    @hookimpl
+    def slimforge_search_stopped(self, error):
+        """Ctrl-C (KILLED) or an error (FAILED) ended the search: end its parent run so.  What
+        ``search_end`` had queued and not yet done (registrations, the normal end) is dropped: the
+        user asked to stop, and resuming the study registers its Pareto members.  Trial records
+        still pending stay, and go to the journal if MLflow cannot take them."""
+        if isinstance(error, KeyboardInterrupt):
+            status, reason = "KILLED", "KeyboardInterrupt (Ctrl-C)"
+        else:
+            status, reason = "FAILED", _short_error(error)
+        self.pending = [op for op in self.pending
+                        if not (op["search_id"] == self.search_id and op["op"] in ("register", "search_end"))]
+        self.pending.append(self._op("search_end", status=status, metrics={}, tags={STOPPED_BY_TAG: reason},
+                                     artifacts=[]))
+        self._flush()
 
     def logging_cost(self) -> dict:
         seconds = self.trial_seconds
