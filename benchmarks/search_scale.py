@@ -1,14 +1,19 @@
 """Search throughput and sampler quality on the embedded task.
 
-1. Throughput: the same study size run with 1 and with 2 worker processes.  Prints trials per
+1. Throughput: the same study (random sampler, so the same plans) run with 1 and with 2 worker processes.  Prints trials per
    minute over the whole search (start-up, baseline and the Pareto members' test measurement
    included) and over the trial phase alone (first trial asked to last trial stored, from
    Optuna's timestamps); the median per-trial loop overhead (``SearchResult.loop_overhead``:
    the time from asking the study for a trial to storing its record, minus the trial's own
    apply / fine-tune / evaluate / save / measure time); and the efficiency of the second worker,
    (throughput with 2 / throughput with 1) - 1, both ways.
-2. Sampler quality: hypervolume of the feasible front after N trials with the default sampler
-   (multivariate TPE with constraints) and with Optuna's RandomSampler, same seed and budgets.
+2. The machine's own ceiling for that efficiency: one fixed trial (the same plan every time) run
+   back to back in one process, then in two processes at once (no search, no Optuna, no
+   hand-off).  If two single-threaded trials cannot run side by side at full speed here, no search
+   loop can reach an efficiency above this one.
+3. Sampler quality: hypervolume of the feasible front after N trials with the default sampler
+   (multivariate TPE with constraints) and with Optuna's RandomSampler, same seeds and budgets
+   (``--hv-seeds`` seeds each; the ratio of the means is printed).
 
     python benchmarks/search_scale.py --trials 12 --hv-trials 40
 """
@@ -36,6 +41,59 @@ def timed_search(task, out: Path, **settings):
     return result, time.perf_counter() - started
 
 
+CEILING_PLAN = {"steps": [{"technique": "magnitude_pruning", "config": {"default_sparsity": 0.8}},
+                           {"technique": "weight_only_quant", "config": {"default_bits": 4}}],
+                "recovery": {"epochs": 1, "lr": 0.001}, "seed": 0}
+
+
+def _fixed_trials(repeats: int, barrier, out_dir: str, queue) -> None:
+    """In a spawned process: wait for the others, then run the fixed trial ``repeats`` times."""
+    import torch
+
+    from slimforge.core.manager import Plugins
+    from slimforge.core.plan import Plan
+    from slimforge.search.budgets import Budgets
+    from slimforge.search.objective import TrialRunner
+
+    torch.set_num_threads(1)  # as the search's worker processes do
+    task = load_task()
+    _ = task.teacher
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    runner = TrialRunner(task=task, plugins=Plugins(), budgets=Budgets(), artifact_dir=Path(out_dir))
+    plan = Plan.from_dict(CEILING_PLAN)
+    runner.run(plan, 0)  # warm caches (teacher logits, kernels) outside the timed loop
+    barrier.wait()
+    started = time.perf_counter()
+    for number in range(repeats):
+        record = runner.run(plan, number)
+        if record.state != "complete":  # reported to the parent, which would otherwise wait forever
+            queue.put(f"ceiling trial failed: {record.failure_reason}")
+            return
+    queue.put(time.perf_counter() - started)
+
+
+def machine_ceiling(repeats: int, root: Path) -> tuple[float, float, float]:
+    """(seconds per trial alone, seconds per trial with two processes at once, efficiency)."""
+    import multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    per_trial = []
+    for processes in (1, 2):
+        barrier, queue = context.Barrier(processes), context.Queue()
+        workers = [context.Process(target=_fixed_trials, args=(repeats, barrier, str(root / f"ceiling{processes}-{i}"), queue))
+                   for i in range(processes)]
+        for worker in workers:
+            worker.start()
+        walls = [queue.get() for _ in workers]
+        for worker in workers:
+            worker.join()
+        if any(isinstance(wall, str) for wall in walls):
+            raise SystemExit(next(wall for wall in walls if isinstance(wall, str)))
+        per_trial.append(max(walls) / repeats)
+    alone, together = per_trial
+    return alone, together, 2 * alone / together - 1
+
+
 def trial_phase_seconds(out_dir: Path, study: str) -> float:
     """Seconds from the first trial's start to the last trial's end, by Optuna's timestamps."""
     import optuna
@@ -50,22 +108,28 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12, help="trials per throughput run")
     parser.add_argument("--hv-trials", type=int, default=40, help="trials per sampler-quality run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hv-seeds", type=int, default=1, help="seeds per sampler for the hypervolume comparison")
+    parser.add_argument("--ceiling-trials", type=int, default=6, help="fixed trials per process for the ceiling")
     args = parser.parse_args()
     task = load_task()
     root = Path(tempfile.mkdtemp(prefix="sf-search-scale-"))
 
     rows = []
     for workers in (1, 2):
-        # Worker processes even for 1, so both runs pay the same start-up and hand-off costs.
+        # Worker processes even for 1, so both runs pay the same start-up and hand-off costs.  The
+        # random sampler draws the same plans whatever the number of workers (the search process
+        # asks for every plan), so both runs do the same work; TPE's plans would depend on which
+        # trials had finished when each was asked.
         result, wall = timed_search(task, root / f"w{workers}", trials=args.trials, seed=args.seed,
-                                    workers=workers, trial_timeout_s=600)
+                                    workers=workers, trial_timeout_s=600, sampler="random")
         n = len(result.trials)
         overhead = result.loop_overhead()
         rows.append({"workers": workers, "trials": n, "wall": wall, "per_min": 60 * n / wall,
                      "steady_per_min": 60 * n / trial_phase_seconds(root / f"w{workers}", result.study_name),
                      "median_trial": statistics.median(r.duration_s for r in result.trials),
                      "overhead": overhead["median"], "overhead_max": overhead["max"]})
-    print(f"Throughput ({args.trials} trials, techniques {', '.join(TECHNIQUES)}, worker processes, 1 torch thread each)")
+    print(f"Throughput ({args.trials} trials, random sampler: the same plans for 1 and 2 workers; techniques "
+          f"{', '.join(TECHNIQUES)}; worker processes, 1 torch thread each)")
     print(f"{'workers':>7} {'trials':>6} {'wall s':>7} {'trials/min':>10} {'steady/min':>10} {'median trial s':>14} "
           f"{'overhead s/trial':>16} {'(max)':>6}")
     for r in rows:
@@ -76,16 +140,25 @@ def main() -> None:
     print(f"efficiency of the second worker: {rows[1]['per_min'] / rows[0]['per_min'] - 1:.2f} whole search, "
           f"{rows[1]['steady_per_min'] / rows[0]['steady_per_min'] - 1:.2f} steady (target >= 0.8)\n")
 
-    print(f"Sampler quality ({args.hv_trials} trials each, seed {args.seed}, accuracy drop <= 2 pt)")
-    volumes = {}
-    for sampler in ("tpe", "random"):
-        result, wall = timed_search(task, root / sampler, trials=args.hv_trials, seed=args.seed, sampler=sampler)
-        volumes[sampler] = search_summary(result.trials, result.baseline)["hypervolume"] or 0.0
-        counts = result.counts()
-        print(f"  {sampler:<6} hypervolume {volumes[sampler]:.4f}  feasible {counts['feasible']:>3}/{len(result.trials)}  "
-              f"front {len(result.pareto)}  {wall:.0f} s")
-    if volumes["random"]:
-        print(f"TPE / random hypervolume: {volumes['tpe'] / volumes['random']:.2f}x (target >= 1.2x)")
+    alone, together, ceiling = machine_ceiling(args.ceiling_trials, root)
+    print(f"Machine ceiling: one fixed trial {alone:.2f} s alone, {together:.2f} s with a second process running the "
+          f"same; efficiency of a second process {ceiling:.2f}\n")
+
+    seeds = range(args.seed, args.seed + args.hv_seeds)
+    print(f"Sampler quality ({args.hv_trials} trials each, seeds {', '.join(map(str, seeds))}, accuracy drop <= 2 pt)")
+    volumes: dict[str, list[float]] = {"tpe": [], "random": []}
+    for seed in seeds:
+        for sampler in ("tpe", "random"):
+            result, wall = timed_search(task, root / f"{sampler}{seed}", trials=args.hv_trials, seed=seed, sampler=sampler)
+            volumes[sampler].append(search_summary(result.trials, result.baseline)["hypervolume"] or 0.0)
+            counts = result.counts()
+            print(f"  seed {seed} {sampler:<6} hypervolume {volumes[sampler][-1]:.4f}  feasible "
+                  f"{counts['feasible']:>3}/{len(result.trials)}  front {len(result.pareto)}  {wall:.0f} s")
+    tpe, random = (statistics.mean(volumes[k]) for k in ("tpe", "random"))
+    if random:
+        wins = sum(t > r for t, r in zip(volumes["tpe"], volumes["random"]))
+        print(f"TPE / random mean hypervolume: {tpe:.4f} / {random:.4f} = {tpe / random:.2f}x (target >= 1.2x); "
+              f"TPE higher in {wins} of {len(volumes['tpe'])} seeds")
 
 
 if __name__ == "__main__":
