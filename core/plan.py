@@ -26,7 +26,9 @@ class Recovery:
     a weight-sharing step clusters or merges its weights, as Deep Compression does (prune ->
     retrain -> cluster -> retrain): centroids drawn from retrained weights lose less.  That first
     phase trains with the task loss, holding pruning masks; distillation losses join in the main
-    phase.  Planned only when a plan has a sharing step after another structural one."""
+    phase (tried in the first phase too: 92 % pruning -> k-means with KL distillation at alpha 0.3
+    scored 0.919 val against 0.930 / 0.927 without it, over two seeds).  Planned only when a plan
+    has a sharing step after another structural one."""
 
     epochs: int = 0
     lr: float = 1e-3
