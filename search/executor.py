@@ -137,7 +137,10 @@ class ProcessPool:
         return len(self.workers) - self.idle()
 
     def submit(self, handle: Any, plan: dict, number: int, history: list[dict]) -> None:
-        worker = next(w for w in self.workers if w.job is None)
+        index, worker = next((i, w) for i, w in enumerate(self.workers) if w.job is None)
+        if not worker.process.is_alive():  # died while idle (killed from outside): start a fresh one
+            worker.stop(kill=True)
+            worker = self.workers[index] = _Worker(self.context, self.config)
         worker.job = (handle, number, time.monotonic())
         worker.parent.send((plan, number, history))
 
@@ -162,7 +165,10 @@ class ProcessPool:
         """Finished jobs as (handle, record or None, failure reason or None).  Returns as soon as
         a worker sends something or exits, else after ``wait_s`` (to check timeouts)."""
         done = []
-        wait([w.parent for w in self.workers] + [w.process.sentinel for w in self.workers], timeout=wait_s)
+        # A dead worker's pipe and sentinel stay "ready" for ever: watch them only while the worker
+        # holds a job (then its death is reported below and it is replaced), or the loop would spin.
+        watched = [w for w in self.workers if w.job is not None or w.process.is_alive()]
+        wait([w.parent for w in watched] + [w.process.sentinel for w in watched if w.job is not None], timeout=wait_s)
         for index, worker in enumerate(self.workers):
             while worker.parent.poll():
                 try:

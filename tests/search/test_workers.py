@@ -143,3 +143,22 @@ def test_search_summary_counts_what_the_progress_bar_and_summary_show():
         "feasible": 1}
     assert summary["hypervolume"] == pytest.approx(0.36)
     assert "reference point (1.1, 1.1, 1.1)" in summary["hypervolume_definition"]
+
+
+def test_a_worker_killed_while_idle_is_replaced_not_fed(tmp_path):
+    """A worker process that dies between trials (killed from outside) is replaced when the next
+    trial is submitted, instead of the plan being written into a dead pipe."""
+    from slimforge.search.executor import ProcessPool, WorkerConfig
+
+    config = WorkerConfig(task_source={"builtin": "no-such-task"}, budgets={}, artifact_dir=str(tmp_path), device="cpu",
+                          latency={}, strict_plugins=False, disabled_plugins=(), latency_lock=None,
+                          memory_limit_bytes=None)
+    pool = ProcessPool(1, config, trial_timeout_s=None)
+    try:
+        first = pool.workers[0]
+        first.process.kill()
+        first.process.join(timeout=30)
+        pool.submit("handle", {}, 0, [])
+        assert pool.workers[0] is not first and pool.workers[0].job is not None
+    finally:
+        pool.close()
