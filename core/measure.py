@@ -88,9 +88,10 @@ def time_forward(model, example_inputs, device: str, settings: LatencySettings) 
             for _ in range(settings.warmup):
                 model(*inputs)
             if on_gpu and settings.cuda_graph:
-                samples, method = _cuda_graph_samples(model, inputs, settings.repeats), "cuda-events, cuda-graph replay"
+                samples = _cuda_event_samples(_captured(model, inputs).replay, settings.repeats)
+                method = "cuda-events, cuda-graph replay"
             elif on_gpu:
-                samples, method = _cuda_samples(model, inputs, settings.repeats), "cuda-events"
+                samples, method = _cuda_event_samples(lambda: model(*inputs), settings.repeats), "cuda-events"
             else:
                 samples, method = _cpu_samples(model, inputs, settings.repeats), f"perf_counter, {settings.threads} thread(s)"
     finally:
@@ -110,20 +111,21 @@ def _cpu_samples(model, inputs, repeats: int) -> list[float]:
     return samples
 
 
-def _cuda_samples(model, inputs, repeats: int) -> list[float]:
+def _cuda_event_samples(forward, repeats: int) -> list[float]:
+    """Milliseconds between CUDA events recorded around each call of ``forward``."""
     samples = []
     for _ in range(repeats):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        model(*inputs)
+        forward()
         end.record()
         torch.cuda.synchronize()
         samples.append(begin.elapsed_time(end))
     return samples
 
 
-def _cuda_graph_samples(model, inputs, repeats: int) -> list[float]:
-    """Capture one forward pass as a CUDA graph, then time its replays with CUDA events.
+def _captured(model, inputs) -> torch.cuda.CUDAGraph:
+    """One forward pass captured as a CUDA graph, to be timed as replays.
 
     Capture runs on a side stream after a few warm-up passes there (PyTorch's documented recipe:
     lazy initialisations must not happen inside the capture).  A model that cannot be captured
@@ -142,15 +144,7 @@ def _cuda_graph_samples(model, inputs, repeats: int) -> list[float]:
     except RuntimeError as exc:
         raise ConfigError(f"--latency-cuda-graph: this model cannot be captured as a CUDA graph "
                           f"({str(exc).splitlines()[0]}); time it without --latency-cuda-graph") from exc
-    samples = []
-    for _ in range(repeats):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(begin.elapsed_time(end))
-    return samples
+    return graph
 
 
 class DefaultMeasurements:
