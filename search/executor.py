@@ -148,18 +148,8 @@ class ProcessPool:
         """Block until every worker has loaded the task (or died: ``poll`` reports that), so that
         start-up is paid once, before the first trial, and not inside any trial's time."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            waiting = [w for w in self.workers if not w.ready and w.process.is_alive()]
-            if not waiting:
-                return
-            wait([w.parent for w in waiting] + [w.process.sentinel for w in waiting], timeout=1.0)
-            for worker in waiting:
-                while not worker.ready and worker.parent.poll():
-                    try:
-                        kind, _ = worker.parent.recv()
-                    except EOFError:
-                        break
-                    worker.ready = kind == "ready"
+        while time.monotonic() < deadline and any(not w.ready and w.process.is_alive() for w in self.workers):
+            self.poll(wait_s=1.0)  # no job is out yet: this only takes the workers' "ready" messages
 
     def poll(self, wait_s: float = 0.2) -> list[tuple[Any, TrialRecord | None, str | None]]:
         """Finished jobs as (handle, record or None, failure reason or None).  Returns as soon as
