@@ -39,6 +39,7 @@ from slimforge.core.measure import LatencySettings, time_forward
 from slimforge.core.task import load_task
 from slimforge.search.budgets import Budgets
 from slimforge.search.engine import SearchSettings, run_search
+from study_timing import trial_phase_seconds
 
 TECHNIQUES = ("parameter_distillation", "structured_pruning", "magnitude_pruning", "knowledge_distillation",
               "weight_only_quant")
@@ -72,19 +73,6 @@ def repeatability(model, task, rounds: int) -> dict[str, list[float]]:
         print(f"  {label:>5}: " + " ".join(f"{v:.4f}" for v in values)
               + f"   max/min {max(values) / min(values):.2f}")
     return out
-
-
-def trial_phase_rate(out_dir: Path, study: str) -> tuple[float, float]:
-    """Trials per hour between the first trial's start and the last trial's end (Optuna's own
-    timestamps): the search's steady rate, without the baseline, worker start-up and the final
-    test measurement of the Pareto members.  Also returns that span in seconds."""
-    import optuna
-
-    trials = optuna.load_study(study_name=study, storage=f"sqlite:///{out_dir / 'optuna.db'}").get_trials(deepcopy=False)
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    span = (max(ends) - min(starts)).total_seconds()
-    return 3600 * len(ends) / span, span
 
 
 def write_json(report: dict, path: Path | None) -> None:
@@ -140,7 +128,8 @@ def main() -> None:
         counts = result.counts()
         epochs = sum(len(r.epoch_scores) for r in result.trials)
         durations = [r.duration_s for r in result.trials if r.state == "complete"]
-        steady_rate, span = trial_phase_rate(settings.out_dir, settings.study)
+        span = trial_phase_seconds(result)
+        steady_rate = 3600 * len(result.trials) / span
         run = {"packing": packing, "trials": len(result.trials), "wall_s": wall, "epochs": epochs,
                "steady_trials_per_hour": steady_rate, "trial_span_s": span,
                "median_training_s": statistics.median([r.training_seconds for r in result.trials] or [0.0]),

@@ -29,6 +29,7 @@ from pathlib import Path
 from slimforge.core.task import load_task
 from slimforge.search.budgets import Budgets
 from slimforge.search.engine import SearchSettings, run_search, search_summary
+from study_timing import trial_phase_seconds
 
 TECHNIQUES = ("magnitude_pruning", "int8_ptq", "weight_only_quant", "structured_pruning")
 
@@ -94,15 +95,6 @@ def machine_ceiling(repeats: int, root: Path) -> tuple[float, float, float]:
     return alone, together, 2 * alone / together - 1
 
 
-def trial_phase_seconds(out_dir: Path, study: str) -> float:
-    """Seconds from the first trial's start to the last trial's end, by Optuna's timestamps."""
-    import optuna
-
-    trials = optuna.load_study(study_name=study, storage=f"sqlite:///{out_dir / 'optuna.db'}").get_trials(deepcopy=False)
-    return (max(t.datetime_complete for t in trials if t.datetime_complete)
-            - min(t.datetime_start for t in trials if t.datetime_start)).total_seconds()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=12, help="trials per throughput run")
@@ -125,7 +117,7 @@ def main() -> None:
         n = len(result.trials)
         overhead = result.loop_overhead()
         rows.append({"workers": workers, "trials": n, "wall": wall, "per_min": 60 * n / wall,
-                     "steady_per_min": 60 * n / trial_phase_seconds(root / f"w{workers}", result.study_name),
+                     "steady_per_min": 60 * n / trial_phase_seconds(result),
                      "median_trial": statistics.median(r.duration_s for r in result.trials),
                      "overhead": overhead["median"], "overhead_max": overhead["max"]})
     print(f"Throughput ({args.trials} trials, random sampler: the same plans for 1 and 2 workers; techniques "
