@@ -188,25 +188,21 @@ def cached_teacher(splits: dict[str, TensorDataset], cache: Path | None = None, 
     return model
 
 
-def mnist_lenet5_task(cache: str | None = None) -> Task:
+def _mnist_task(name: str, architecture: str, recipe: dict, cache: str | None) -> Task:
     splits = mnist_splits()
     cache_path = Path(cache) if cache else None
     return Task(
-        name="mnist-lenet5",
-        architecture=FactoryRef("slimforge.core.embedded:lenet5"),
-        teacher_factory=lambda: cached_teacher(splits, cache_path),
+        name=name,
+        architecture=FactoryRef(f"slimforge.core.embedded:{architecture}"),
+        teacher_factory=lambda: cached_teacher(splits, cache_path, task=name, recipe=recipe),
         splits=splits,
-        source={"builtin": "mnist-lenet5"},
+        source={"builtin": name},
     )
+
+
+def mnist_lenet5_task(cache: str | None = None) -> Task:
+    return _mnist_task("mnist-lenet5", "lenet5", TEACHER_RECIPE, cache)
 
 
 def mnist_lenet300_task(cache: str | None = None) -> Task:
-    splits = mnist_splits()
-    cache_path = Path(cache) if cache else None
-    return Task(
-        name="mnist-lenet300",
-        architecture=FactoryRef("slimforge.core.embedded:lenet300"),
-        teacher_factory=lambda: cached_teacher(splits, cache_path, task="mnist-lenet300", recipe=LENET300_RECIPE),
-        splits=splits,
-        source={"builtin": "mnist-lenet300"},
-    )
+    return _mnist_task("mnist-lenet300", "lenet300", LENET300_RECIPE, cache)
