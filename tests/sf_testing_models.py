@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from slimforge.core.hookspecs import hookimpl
 from slimforge.core.task import FactoryRef, Task
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -124,3 +125,16 @@ def tiny_task() -> Task:
         splits=tiny_splits(),
         source={"config": task_table(), "base_dir": str(TESTS_DIR)},
     )
+
+
+class Registers:
+    """A plugin object, as a third-party package would register, that adds the given technique
+    classes (pass it to ``Plugins(extra_plugins=...)``)."""
+
+    def __init__(self, *classes):
+        self.classes = classes
+
+    @hookimpl
+    def slimforge_register_techniques(self, registry):
+        for cls in self.classes:
+            registry.add(cls)

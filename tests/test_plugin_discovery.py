@@ -215,22 +215,15 @@ def _technique(name, family, stage, **rules):
                                      "description": name, "suggest": suggest, **rules})
 
 
-class _Composers:
-    """Third-party families and stages; two pairs that must never share a plan, each forbidden by
-    only one side: ``early`` may not precede ``late``, and ``middle`` may not follow ``early``."""
-
-    classes = (_technique("early", "alpha", Stage.PRUNING, cannot_precede=frozenset({"late"})),
-               _technique("middle", "beta", Stage.SPARSITY + 2, cannot_follow=frozenset({"early"})),
-               _technique("late", "omega", Stage.QUANTIZATION + 5))
-
-    @hookimpl
-    def slimforge_register_techniques(self, registry):
-        for cls in self.classes:
-            registry.add(cls)
+# Third-party families and stages; two pairs that must never share a plan, each forbidden by only
+# one side: ``early`` may not precede ``late``, and ``middle`` may not follow ``early``.
+_COMPOSERS = (_technique("early", "alpha", Stage.PRUNING, cannot_precede=frozenset({"late"})),
+              _technique("middle", "beta", Stage.SPARSITY + 2, cannot_follow=frozenset({"early"})),
+              _technique("late", "omega", Stage.QUANTIZATION + 5))
 
 
 def test_the_planner_never_samples_a_forbidden_composition():
-    registry = Plugins(load_entry_points=False, extra_plugins=(_Composers(),)).registry
+    registry = Plugins(load_entry_points=False, extra_plugins=(sf_testing_models.Registers(*_COMPOSERS),)).registry
     planner = Planner(registry, ["late", "middle", "early"])
     task = sf_testing_models.tiny_task()
     seen = set()

@@ -18,6 +18,7 @@ from slimforge.core.technique import Family, Stage, Technique, TechniqueRegistry
 from slimforge.plugins import BUILTIN_PLUGINS
 from slimforge.plugins.pruning.magnitude import MagnitudePruning
 from slimforge.plugins.quantization.int8_ptq import Int8PTQ
+from sf_testing_models import Registers
 
 BUILTIN_SOURCE = f"slimforge {metadata.version('slimforge')}"
 
@@ -34,18 +35,6 @@ class _FrozenConfig:
 
 def _technique(name: str, *, family=Family.SPARSITY, stage=Stage.SPARSITY, config=_FrozenConfig, **attrs):
     return type(f"T_{name}", (Technique,), {"name": name, "family": family, "stage": stage, "Config": config, **attrs})
-
-
-class _Registers:
-    """A third-party style plugin object that adds the given technique classes."""
-
-    def __init__(self, *classes):
-        self.classes = classes
-
-    @hookimpl
-    def slimforge_register_techniques(self, registry):
-        for cls in self.classes:
-            registry.add(cls)
 
 
 # --- built-ins ------------------------------------------------------------------------------------
@@ -96,18 +85,18 @@ def test_unknown_technique_lists_every_valid_name():
 def test_registering_a_second_class_under_a_taken_name_is_an_error():
     clash = _technique("int8_ptq", family=Family.QUANTIZATION, stage=Stage.QUANTIZATION)
     with pytest.raises(PluginError, match=re.escape(f"technique name 'int8_ptq' registered twice ({BUILTIN_SOURCE} and extra)")):
-        plugins(_Registers(clash))
+        plugins(Registers(clash))
 
 
 def test_registering_the_same_class_twice_is_harmless():
     cls = _technique("twice")
-    registry = plugins(_Registers(cls, cls)).registry
+    registry = plugins(Registers(cls, cls)).registry
     assert type(registry.get("twice")) is cls
     assert registry.source_of("twice") == "extra"
 
 
 def test_extra_plugin_techniques_are_listed_with_their_source():
-    registry = plugins(_Registers(_technique("extra_one"))).registry
+    registry = plugins(Registers(_technique("extra_one"))).registry
     assert "extra_one" in registry.names()
     assert registry.source_of("extra_one") == "extra"
 
@@ -213,7 +202,7 @@ def test_plugins_list_prints_one_row_per_technique(capsys):
 
 
 def test_plugin_rows_match_the_registry():
-    manager = plugins(_Registers(_technique("extra_one")))
+    manager = plugins(Registers(_technique("extra_one")))
     rows = {row["technique"]: row for row in manager.plugin_rows()}
     assert rows["extra_one"] == {"technique": "extra_one", "family": "sparsity", "stage": "40 (sparsity)",
                                  "source": "extra", "description": ""}

@@ -2,12 +2,12 @@
 
 from dataclasses import dataclass
 
-from slimforge.core.hookspecs import hookimpl
 from slimforge.core.manager import Plugins
 from slimforge.core.technique import Stage, Technique
 from slimforge.core.testing import tiny_task
 from slimforge.search.planner import Planner
 from slimforge.search.space import FixedSuggester
+from sf_testing_models import Registers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,14 +23,8 @@ class _Corrector(Technique):
         return _Empty()
 
 
-class _Plugin:
-    @hookimpl
-    def slimforge_register_techniques(self, registry):
-        registry.add(_Corrector)
-
-
 def test_must_follow_is_honoured_and_the_pair_is_still_sampled():
-    planner = Planner(Plugins(load_entry_points=False, extra_plugins=(_Plugin(),)).registry,
+    planner = Planner(Plugins(load_entry_points=False, extra_plugins=(Registers(_Corrector),)).registry,
                       ["weight_only_quant", "corrector"])
     task = tiny_task()
     plans = [planner.sample(FixedSuggester(seed=seed), task, seed).technique_names for seed in range(60)]

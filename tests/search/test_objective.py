@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import sf_testing_models
+
 from slimforge.core.compressed import load_model, save_model
 from slimforge.core.errors import ArtifactError, ConfigError
-from slimforge.core.hookspecs import hookimpl
 from slimforge.core.manager import Plugins
 from slimforge.core.measure import LatencySettings, evaluate
 from slimforge.core.plan import Plan, PlanStep, Recovery
@@ -141,19 +142,9 @@ class Refusing(Exploding):
         raise ConfigError("refusing: cannot handle layer 'fc1'")
 
 
-class _Registers:
-    def __init__(self, *classes):
-        self.classes = classes
-
-    @hookimpl
-    def slimforge_register_techniques(self, registry):
-        for cls in self.classes:
-            registry.add(cls)
-
-
 @pytest.fixture
 def failing_plugins():
-    return Plugins(load_entry_points=False, extra_plugins=(_Registers(Exploding, Refusing),))
+    return Plugins(load_entry_points=False, extra_plugins=(sf_testing_models.Registers(Exploding, Refusing),))
 
 
 def test_technique_that_raises_fails_its_trial_with_the_reason(tiny_task, tmp_path, failing_plugins):
