@@ -139,10 +139,15 @@ class ProcessPool:
     def submit(self, handle: Any, plan: dict, number: int, history: list[dict]) -> None:
         index, worker = next((i, w) for i, w in enumerate(self.workers) if w.job is None)
         if not worker.process.is_alive():  # died while idle (killed from outside): start a fresh one
-            worker.stop(kill=True)
-            worker = self.workers[index] = _Worker(self.context, self.config)
+            worker = self._restart(index)
         worker.job = (handle, number, time.monotonic())
         worker.parent.send((plan, number, history))
+
+    def _restart(self, index: int) -> _Worker:
+        """Kill worker ``index`` (dead or hung) and start a fresh one in its place."""
+        self.workers[index].stop(kill=True)
+        self.workers[index] = _Worker(self.context, self.config)
+        return self.workers[index]
 
     def wait_ready(self, timeout_s: float = 600.0) -> None:
         """Block until every worker has loaded the task (or died: ``poll`` reports that), so that
@@ -186,8 +191,7 @@ class ProcessPool:
                   and time.monotonic() - started > self.trial_timeout_s):
                 reason = f"trial exceeded --trial-timeout {self.trial_timeout_s:g} s; its worker was killed"
             if reason:
-                worker.stop(kill=True)
-                self.workers[index] = _Worker(self.context, self.config)
+                self._restart(index)
                 done.append((handle, None, reason))
         return done
 
