@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
+from slimforge.core.outputs import logits_of
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def evaluate(model: torch.nn.Module, dataset, metric, device: str = "cpu", batch
     outputs, targets = [], []
     with torch.inference_mode():
         for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            outputs.append(model(x.to(device)).float().cpu())
+            outputs.append(logits_of(model(x.to(device))).float().cpu())
             targets.append(y)
     return float(metric(torch.cat(outputs), torch.cat(targets)))
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from slimforge.core.errors import TaskError, UnknownNameError
+from slimforge.core.outputs import task_loss
 from slimforge.core.task import FactoryRef, Task
 
 DATASETS = {  # name -> (torchvision class name, channels, image size, classes, mean, std)
@@ -83,7 +84,7 @@ def _train(model: nn.Module, dataset, epochs: int, device: str, log) -> nn.Modul
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=max(1, epochs * len(loader)))
     for epoch in range(epochs):
         for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            loss = task_loss(model(x.to(device)), y.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from slimforge.core.errors import SlimforgeError
+from slimforge.core.outputs import logits_of, task_loss
 from slimforge.core.plan import Recovery
 
 
@@ -43,7 +44,7 @@ class TrainingBatch:
 
     inputs: torch.Tensor
     targets: torch.Tensor
-    outputs: torch.Tensor
+    outputs: torch.Tensor  # logits (core.outputs.logits_of), class dimension last
     indices: torch.Tensor  # positions in the training split, to look up cached teacher outputs
     teacher_outputs: Callable[[], torch.Tensor]  # lazily computed or read from the cache
 
@@ -83,7 +84,7 @@ class TeacherOutputs:
             self.teacher.to(self.device).eval()
             with torch.inference_mode():
                 for x, *_ in DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False):
-                    outputs.append(self.teacher(x.to(self.device)).float())
+                    outputs.append(logits_of(self.teacher(x.to(self.device))).float())
             self._cache = torch.cat(outputs)
         return self._cache
 
@@ -118,8 +119,8 @@ def recover(model: nn.Module, applied: Sequence[AppliedStep], train_set, recover
         total, count = 0.0, 0
         for x, y, idx in DataLoader(_Indexed(train_set), batch_size=batch_size, shuffle=True, generator=generator):
             x, y = x.to(device), y.to(device)
-            outputs = model(x)
-            loss = nn.functional.cross_entropy(outputs, y)
+            outputs = logits_of(model(x))
+            loss = task_loss(outputs, y)
             batch = TrainingBatch(x, y, outputs, idx, lambda idx=idx: teacher_outputs[idx])
             for step in applied:
                 loss = step.technique.training_loss(model, batch, loss, step.config, step.ctx)

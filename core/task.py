@@ -67,8 +67,11 @@ class FactoryRef:
 
 
 def accuracy(outputs, targets) -> float:
-    """Top-1 accuracy of class scores ``outputs`` (N, C) against integer ``targets`` (N,)."""
-    return float((outputs.argmax(dim=1) == targets).float().mean())
+    """The default metric: top-1 accuracy of class scores ``(N, C)`` against targets ``(N,)``, or per
+    token for sequence scores ``(N, T, V)`` against ``(N, T)`` (``core.outputs.accuracy``)."""
+    from slimforge.core.outputs import accuracy as top1  # torch stays unimported until a metric runs
+
+    return top1(outputs, targets)
 
 
 @dataclass

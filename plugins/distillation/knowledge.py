@@ -40,9 +40,11 @@ class KnowledgeDistillationConfig:
 
 
 def kl_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's soft-target loss: KL(p_teacher || p_student) at temperature T, times T**2."""
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    """Hinton's soft-target loss: KL(p_teacher || p_student) at temperature T, times T**2, averaged
+    over predictions: per example for a classifier, per token for sequence logits ``(N, T, V)``."""
+    classes = student_logits.shape[-1]
+    log_p_student = F.log_softmax(student_logits.reshape(-1, classes) / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.reshape(-1, classes) / temperature, dim=1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from slimforge.core.errors import ConfigError
+from slimforge.core.outputs import task_loss
 from slimforge.core.technique import Family, Stage, TechniqueContext
 from slimforge.plugins.common import MaskedTechnique, apply_masks, keep_top, weight_layers
 
@@ -91,7 +92,7 @@ def gradient_statistics(model: nn.Module, dataset, *, batches: int = DEFAULT_BAT
     seen = 0
     with _scoring_mode(model), torch.enable_grad():
         for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            loss = task_loss(model(x.to(device)), y.to(device))
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
             for (name, _), g in zip(named, grads, strict=True):
                 if g is not None:  # a parameter the forward pass does not use scores zero
