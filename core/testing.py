@@ -49,18 +49,119 @@ def tiny_mlp(seed: int = 0) -> nn.Module:
                          nn.Linear(32, NUM_CLASSES)).eval()
 
 
+# --- sequence models: the weight kinds transformers and RNNs bring (core.sites) ---------------------
+# Token inputs of SEQ_LEN ids < VOCAB.  Classifiers pool to (N, NUM_CLASSES); language models
+# return per-token logits (N, SEQ_LEN, VOCAB) and are labelled per token by their own argmax.
+VOCAB, SEQ_LEN, WIDTH = 64, 16, 32
+
+
+class TinyTransformerClassifier(nn.Module):
+    """Token embedding + a learned position *tensor* (a plain Parameter, as hand-written models
+    hold one) + nn.TransformerEncoder (nn.MultiheadAttention, LayerNorm) + mean pool + Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.pos = nn.Parameter(torch.randn(1, SEQ_LEN, WIDTH) * 0.02)
+        layer = nn.TransformerEncoderLayer(WIDTH, 4, 2 * WIDTH, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(WIDTH, NUM_CLASSES)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens) + self.pos[:, : tokens.shape[1]]).mean(dim=1))
+
+
+def tiny_transformer(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyTransformerClassifier().eval()
+
+
+class TinyGRUClassifier(nn.Module):
+    """Embedding -> GRU (weight_ih / weight_hh, three gates) -> Linear on the last hidden state."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.rnn = nn.GRU(16, WIDTH, batch_first=True)
+        self.head = nn.Linear(WIDTH, NUM_CLASSES)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.embed(tokens))[1][-1])
+
+
+def tiny_gru(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyGRUClassifier().eval()
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:  # a test extra: the built-in techniques never need it
+        raise ImportError("the Hugging Face test architectures need transformers: pip install 'slimforge[test]'") from None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def tiny_bert(seed: int = 0) -> nn.Module:
+    """Hugging Face BertForSequenceClassification: separate query/key/value Linears, word /
+    position / token-type Embeddings, a pooler."""
+    tf = _transformers()
+    torch.manual_seed(seed)
+    config = tf.BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=2 * WIDTH, max_position_embeddings=SEQ_LEN, num_labels=NUM_CLASSES,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return tf.BertForSequenceClassification(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """Hugging Face GPT2LMHeadModel: transposed Conv1D projections (packed q/k/v in c_attn), the lm
+    head tied to the token embedding."""
+    tf = _transformers()
+    torch.manual_seed(seed)
+    config = tf.GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=SEQ_LEN,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return tf.GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    """Hugging Face LlamaForCausalLM: RMSNorm, rotary positions, grouped-query attention (4 query
+    heads sharing 2 key/value heads), gated SiLU MLP."""
+    tf = _transformers()
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ_LEN,
+                            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    return tf.LlamaForCausalLM(config).eval()
+
+
 TINY_ARCHITECTURES = ("slimforge.core.testing:tiny_cnn", "slimforge.core.testing:tiny_mlp")
+SEQUENCE_ARCHITECTURES = tuple(f"slimforge.core.testing:{name}" for name in
+                               ("tiny_transformer", "tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_gru"))
+ALL_ARCHITECTURES = TINY_ARCHITECTURES + SEQUENCE_ARCHITECTURES
+TOKEN_INPUT_ARCHITECTURES = frozenset(SEQUENCE_ARCHITECTURES)
+
+
+def tiny_inputs(architecture: str, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Random inputs of the kind ``architecture`` reads: token ids for the sequence models, 1x12x12
+    images otherwise (a third-party architecture name gets images)."""
+    if architecture in TOKEN_INPUT_ARCHITECTURES:
+        return torch.randint(0, VOCAB, (count, SEQ_LEN), generator=generator)
+    return torch.randn(count, *INPUT_SHAPE, generator=generator)
 
 
 def tiny_task(architecture: str = TINY_ARCHITECTURES[0], n: int = 256, seed: int = 0) -> Task:
     """Random inputs labelled by the (seeded, untrained) teacher itself, so the teacher scores 1.0
-    and any damage compression does is visible in the metric."""
+    and any damage compression does is visible in the metric.  Language models are labelled per
+    token (targets (N, SEQ_LEN))."""
+    from slimforge.core.outputs import logits_of
+
     ref = FactoryRef(architecture)
     teacher = ref.call()
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(3 * n, *INPUT_SHAPE, generator=generator)
+    x = tiny_inputs(architecture, 3 * n, generator)
     with torch.no_grad():
-        y = teacher(x).argmax(dim=1)
+        y = logits_of(teacher(x)).argmax(dim=-1)
     splits = {name: TensorDataset(x[i * n:(i + 1) * n], y[i * n:(i + 1) * n])
               for i, name in enumerate(("train", "val", "test"))}
     return Task(name="tiny", architecture=ref, teacher_factory=lambda: copy.deepcopy(teacher), splits=splits,
@@ -128,6 +229,7 @@ class TechniqueConformance:
 
     def test_artifact_round_trip_is_bitwise(self, tmp_path):
         from slimforge.core.compressed import load_model, save_model
+        from slimforge.core.outputs import logits_of
 
         plugins = self._plugins()
         technique = plugins.registry.get(self.technique)
@@ -143,7 +245,7 @@ class TechniqueConformance:
                 loaded = load_model(path, plugins.registry).model
                 x = task.split("val")[:][0][:16]
                 with torch.inference_mode():
-                    expected, actual = model(x), loaded(x)
+                    expected, actual = logits_of(model(x)), logits_of(loaded(x))
                 assert torch.equal(expected, actual), f"{architecture} seed {seed}: outputs differ after load"
 
     def test_planner_honours_composition(self):
