@@ -248,6 +248,23 @@ class TechniqueConformance:
                     expected, actual = logits_of(model(x)), logits_of(loaded(x))
                 assert torch.equal(expected, actual), f"{architecture} seed {seed}: outputs differ after load"
 
+    def test_acts_or_says_why(self):
+        """On every architecture a technique that compresses (anything but a training-only stage)
+        changes some weight, or its notes say why it could not: never a silent no-op."""
+        plugins = self._plugins()
+        technique = plugins.registry.get(self.technique)
+        if technique.stage == Stage.TRAINING:
+            return  # changes how recovery trains, not the weights apply() sees
+        for architecture in self.architectures:
+            task = tiny_task(architecture)
+            config = self._suggest(technique, task, 0)
+            ctx = TechniqueContext(task=task, seed=0)
+            model = technique.apply(copy.deepcopy(task.teacher), config, ctx)
+            before, after = task.teacher.state_dict(), model.state_dict()
+            acted = before.keys() != after.keys() or any(
+                before[k].shape != after[k].shape or not torch.equal(before[k], after[k]) for k in before)
+            assert acted or ctx.notes, f"{self.technique} on {architecture}: changed no weight and noted nothing"
+
     def test_planner_honours_composition(self):
         from slimforge.search.planner import Planner
         from slimforge.search.space import FixedSuggester
