@@ -80,7 +80,7 @@ class NMSparsity(MaskedTechnique):
     stage = Stage.SPARSITY
     Config = NMSparsityConfig
     needs_recovery = True
-    description = "N:M semi-structured sparsity (1:4, 2:4, 2:8, 4:8) along the reduction dim; masks kept in fine-tuning."
+    description = "N:M semi-structured sparsity (1:4, 2:4, 2:8, 4:8) along each weight site's reduction dim; masks kept in fine-tuning."
 
     def suggest(self, space, task) -> NMSparsityConfig:
         n, m = map(int, space.suggest_categorical("pattern", list(PATTERNS)).split(":"))

@@ -23,8 +23,8 @@ from torch import nn
 
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
-from slimforge.core.technique import Family, Stage, TechniqueContext
 from slimforge.core.sites import weight_sites
+from slimforge.core.technique import Family, Stage, TechniqueContext
 from slimforge.plugins.common import (MaskedTechnique, apply_masks, density_sites, keep_top, mask_sites, site_label,
                                       site_setting, site_setting_keys, unmatched_settings)
 
@@ -58,7 +58,7 @@ class RandomSparsity(MaskedTechnique):
     # A random mask on top of a magnitude mask only destroys what the magnitude mask chose: the
     # pair measures nothing either baseline is for.
     cannot_follow = frozenset({"magnitude_pruning"})
-    description = "Random unstructured masks (seeded), per-layer sparsity searched: baseline for magnitude pruning."
+    description = "Random unstructured masks (seeded) on every weight site, per-site sparsity searched: baseline for magnitude pruning."
 
     def suggest(self, space, task) -> RandomSparsityConfig:
         sparsity = {site.setting_key: round(1.0 - space.suggest_float(f"density.{site.setting_key}", *DENSITY_RANGE,

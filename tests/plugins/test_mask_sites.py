@@ -129,7 +129,7 @@ def test_tied_embedding_is_masked_once_and_a_setting_for_either_place_reaches_it
 def test_nm_groups_run_along_the_logical_input_dim_of_every_kind(tasks):
     t = REGISTRY.get("nm_sparsity")
     for arch in ("tiny_gpt2", "tiny_transformer", "tiny_gru", "tiny_llama"):
-        model, ctx = compress(t, t.Config(n=2, m=4), tasks(arch), recovery_steps=2)
+        model, _ = compress(t, t.Config(n=2, m=4), tasks(arch), recovery_steps=2)
         for name, site in weight_sites(model).items():
             if site.role == "position_embedding":
                 continue
