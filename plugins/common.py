@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from slimforge.core.artifact import encode_tensors
-from slimforge.core.errors import ArtifactError
+from slimforge.core.errors import ArtifactError, PluginError
+from slimforge.core.sites import WeightSite, from_matrix, uncovered_parameters, weight_sites
 from slimforge.core.technique import Technique, TechniqueContext
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -46,14 +47,73 @@ def unmatched_settings(settings: dict[str, float], layers: dict[str, nn.Module])
 
 
 # --- masks: pruning and sparsity keep zeros through recovery training ---------------------------
+#
+# A mask is keyed by the weight site it constrains (``WeightSite.name``: ``"fc.weight"``,
+# ``"encoder.layers.0.self_attn.in_proj_weight"``, ``"rnn.weight_hh_l0"``) and shaped like the
+# site's *stored* tensor, which is what it zeroes: a Hugging Face Conv1D's mask is (in, out) like its
+# weight.  Techniques whose pattern has a direction (N:M groups along the input dimension) compute
+# it on the logical ``out x in`` matrix (``site.matrix``) and convert it with ``site_mask``.  A
+# module name is accepted as a key too and means that module's ``weight`` (the key masks had
+# before sites, and a weight site's ``setting_key``), as is any place of a tied tensor: tied
+# places are one tensor, so one mask holds for all of them.
+
+def _mask_key(key: str) -> tuple[tuple[str, str], ...]:
+    """(module, parameter) readings of a mask key: a site name, or a module name for its weight."""
+    module, _, param = key.rpartition(".")
+    return ((module, param), (key, "weight"))
+
+
+def _masked_parameter(model: nn.Module, key: str) -> nn.Parameter | None:
+    """The plain Parameter a mask key names, or None: a weight a later technique re-expressed
+    (``derive_weight``, or a replaced module without ``weight``) holds no Parameter to zero."""
+    for module, param in _mask_key(key):
+        try:
+            owner = model.get_submodule(module) if module else model
+        except AttributeError:
+            continue
+        tensor = owner._parameters.get(param)  # not getattr: a parametrized weight is computed
+        if isinstance(tensor, nn.Parameter):
+            return tensor
+    return None
+
+
+def _site_names(sites: dict[str, WeightSite]) -> dict[str, str]:
+    """Every key a mask may be given under -> the site it names."""
+    names = {}
+    for name, site in sites.items():
+        for place in (name, *site.tied):
+            names[place] = name
+            if place.endswith(".weight"):
+                names.setdefault(place.removesuffix(".weight"), name)
+    return names
+
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], ctx: TechniqueContext) -> None:
-    """Zero the masked weights now and remember the masks for ``reapply_masks``."""
-    modules = dict(model.named_modules())
+    """Zero the masked weights now and remember the masks for ``reapply_masks``.
+
+    ``masks`` maps a site (its name, a module name for a module's ``weight``, or any place of a tied
+    tensor) to a boolean mask shaped like the stored tensor; True keeps a weight.  The masks are
+    remembered under the site names, once per tensor."""
+    sites = weight_sites(model)
+    names = _site_names(sites)
+    by_site: dict[str, torch.Tensor] = {}
+    for key, mask in masks.items():
+        if key not in names:
+            raise KeyError(f"mask for {key!r}: no weight site of that name; sites: {', '.join(sites)}")
+        name = names[key]
+        weight = _masked_parameter(model, name)
+        if weight is None:
+            raise PluginError(f"mask for {key!r}: {name!r} is computed by an earlier technique, not a "
+                              f"Parameter a mask can zero (skip derived sites: plugins.common.mask_sites)")
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"mask for {key!r} has shape {tuple(mask.shape)}; the stored weight {name!r} is "
+                             f"{tuple(weight.shape)} (masks are in the stored layout: plugins.common.site_mask)")
+        mask = mask.to(device=weight.device, dtype=torch.bool)
+        by_site[name] = by_site[name] & mask if name in by_site else mask  # two keys, one tensor: both hold
     with torch.no_grad():
-        for name, mask in masks.items():
-            _zero_masked(modules[name].weight, mask)
-    ctx.state.setdefault("masks", {}).update(masks)
+        for name, mask in by_site.items():
+            _zero_masked(_masked_parameter(model, name), mask)
+    ctx.state.setdefault("masks", {}).update(by_site)
 
 
 def _zero_masked(weight: torch.Tensor, mask: torch.Tensor) -> None:
@@ -65,19 +125,20 @@ def _zero_masked(weight: torch.Tensor, mask: torch.Tensor) -> None:
 def reapply_masks(model: nn.Module, ctx: TechniqueContext) -> None:
     """After an optimizer step: zero the masked weights again (Adam moves them otherwise).
 
-    A layer a later technique replaced (e.g. clustered) owns no ``weight`` Parameter any more; its
-    zeros are kept by that technique, so it is skipped here."""
-    modules = dict(model.named_modules())
+    A weight a later technique re-expressed (e.g. clustered: a parametrization or a replaced module)
+    owns no Parameter any more; its zeros are kept by that technique, so it is skipped here.  Keys
+    are resolved by name each step (no site discovery), so this costs one lookup per mask."""
     with torch.no_grad():
         for name, mask in ctx.state.get("masks", {}).items():
-            weight = getattr(modules.get(name), "weight", None)
-            if isinstance(weight, nn.Parameter) and weight.shape == mask.shape:
+            weight = _masked_parameter(model, name)
+            if weight is not None and weight.shape == mask.shape:
                 _zero_masked(weight, mask)
 
 
 class MaskedTechnique(Technique):
     """Base for techniques whose constraint is a fixed mask (pruning, random and N:M sparsity):
-    ``apply`` calls ``apply_masks``; recovery training re-imposes the masks after every step."""
+    ``apply`` calls ``apply_masks`` (usually on ``mask_sites``); recovery training re-imposes the
+    masks after every step."""
 
     needs_recovery = True
 
@@ -93,6 +154,74 @@ def keep_top(scores: torch.Tensor, fraction_zero: float) -> torch.Tensor:
     if n_zero:
         mask[torch.argsort(flat, stable=True)[:n_zero]] = False
     return mask.view_as(scores)
+
+
+# --- mask sites: which weights the mask techniques constrain, and their per-site settings --------
+#
+# Every weight site of ``core.sites`` can carry a mask: Conv/Linear, HF Conv1D, the packed
+# in_proj_weight of nn.MultiheadAttention, Embedding tables (a tied input/output embedding is one
+# site) and RNN weight_ih/hh.  Not searched by default: *position* embeddings.  They are small (GPT-2
+# small's wpe is 0.6 % of its weights, BERT-base's 0.4 %), so a density dimension for them buys the
+# search almost nothing, while every token at a position reads its row; a config that names one (or
+# a default_sparsity) still prunes it.
+
+def site_mask(site: WeightSite, logical: torch.Tensor) -> torch.Tensor:
+    """A mask computed on the logical ``out x in`` matrix, in the site's stored layout (the form
+    ``apply_masks`` takes): transposed back for a HF Conv1D, reshaped to the kernel for a Conv."""
+    return from_matrix(logical, site).contiguous()
+
+
+def site_label(site: WeightSite) -> str:
+    """How notes name a site: ``layer 'fc1'`` for a module's weight, ``weight 'rnn.weight_hh_l0'``
+    for the others."""
+    return f"layer {site.setting_key!r}" if site.param == "weight" else f"weight {site.name!r}"
+
+
+def mask_sites(model: nn.Module, ctx: TechniqueContext | None = None, technique: str = "") -> dict[str, WeightSite]:
+    """The sites a mask can constrain now, by name, in module order: every weight site whose
+    stored tensor is a plain float Parameter.  With ``ctx``, notes (prefixed ``technique``) each
+    site an earlier technique re-expressed and each >=2-D parameter that is no site (a bare learned
+    position tensor, say), since both stay dense."""
+    sites = weight_sites(model)
+    usable = {}
+    for name, site in sites.items():
+        weight = _masked_parameter(model, name)
+        if weight is not None and weight.is_floating_point():
+            usable[name] = site
+        elif ctx is not None:
+            ctx.note(f"{technique}: {site_label(site)} is already re-expressed by an earlier technique "
+                     f"(not a plain float weight); no mask, left as it is")
+    if ctx is not None:
+        for name, shape in uncovered_parameters(model, sites).items():
+            ctx.note(f"{technique}: parameter {name!r} ({'x'.join(map(str, shape))}) is no weight site "
+                     f"(a bare tensor its module reads directly); left dense")
+    return usable
+
+
+def density_sites(model: nn.Module) -> dict[str, WeightSite]:
+    """The sites whose density the unstructured techniques search (``density.<setting_key>``):
+    every maskable site except position embeddings (see above)."""
+    return {name: site for name, site in mask_sites(model).items() if site.role != "position_embedding"}
+
+
+def site_setting_keys(sites: dict[str, WeightSite]) -> list[str]:
+    """Every key a per-site setting may be made under: each site's ``setting_key`` and the keys of
+    the places tied to it (a setting for ``lm_head`` is one for the tied ``wte``)."""
+    keys = []
+    for site in sites.values():
+        keys.append(site.setting_key)
+        keys.extend(place.removesuffix(".weight") if place.endswith(".weight") else place for place in site.tied)
+    return keys
+
+
+def site_setting(site: WeightSite, settings: dict[str, float]):
+    """The setting made for ``site``, under its ``setting_key`` or a tied place's, or for a named
+    ancestor of either (``setting_for``); None when there is none."""
+    for key in site_setting_keys({site.name: site}):
+        value = setting_for(key, settings)
+        if value is not None:
+            return value
+    return None
 
 
 # --- bit packing: sub-byte codes (k-means indices, 4/2-bit weights) stored at their real width --

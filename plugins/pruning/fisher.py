@@ -4,7 +4,11 @@ OBD's saliency of removing w is H_ii w^2 / 2; the diagonal empirical Fisher (mea
 gradient of the task loss) stands in for the Hessian diagonal, so the criterion weighs a weight's
 size by how sensitive the loss is to it on average, without the sign cancellation of |w * mean g|.
 Gradients come from ``batches`` seeded training batches (``plugins.pruning.importance``).  Config,
-per-layer density search space and masks are those of magnitude_pruning.
+per-site density search space, masks and notes are those of magnitude_pruning (every weight site kind,
+position embeddings dense by default).
+Gradients are of the task loss (per token for a sequence model) with respect to each stored
+weight, so a packed attention in_proj_weight, RNN weights and a tied embedding are scored like a
+Linear weight.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ class FisherPruning(UnstructuredPruning):
     Config = FisherPruningConfig
     criterion = "fisher"
     requires = frozenset({"training_data"})  # the gradients are of the task loss on training batches
-    description = "Unstructured Fisher/OBD w^2*E[grad^2] pruning, per-layer sparsity searched; masks kept."
+    description = "Unstructured Fisher/OBD w^2*E[grad^2] pruning of every weight site, per-site sparsity searched; masks kept."
 
 
 @hookimpl

@@ -4,8 +4,12 @@
 so a small weight on a steep direction of the loss is kept where magnitude pruning would drop it.
 The score is taken per mini-batch and averaged over ``batches`` seeded training batches
 (``plugins.pruning.importance`` says why per batch).  Config,
-per-layer density search space and masks are those of magnitude_pruning; the planner's per-family
+per-site density search space, masks and notes are those of magnitude_pruning (every weight site kind,
+position embeddings dense by default); the planner's per-family
 choice between the three unstructured techniques therefore searches the pruning criterion.
+Gradients are of the task loss (per token for a sequence model) with respect to each stored
+weight, so a packed attention in_proj_weight, RNN weights and a tied embedding are scored like a
+Linear weight.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ class GradientPruning(UnstructuredPruning):
     Config = GradientPruningConfig
     criterion = "taylor"
     requires = frozenset({"training_data"})  # the gradients are of the task loss on training batches
-    description = "Unstructured first-order Taylor mean|w*grad| pruning, per-layer sparsity searched; masks kept."
+    description = "Unstructured first-order Taylor mean|w*grad| pruning of every weight site, per-site sparsity searched; masks kept."
 
 
 @hookimpl

@@ -1,6 +1,8 @@
 """Importance scores for pruning, and the shared base of the unstructured pruning techniques.
 
-Three per-weight criteria, each a tensor shaped like the Conv/Linear weight it scores:
+Three per-weight criteria, each a tensor shaped like the stored weight of the site it scores
+(``core.sites``: Conv/Linear, HF Conv1D, nn.MultiheadAttention's in_proj_weight, Embedding tables,
+RNN weight_ih/hh; a score is per weight, so the stored layout is as good as the logical one):
 
 - ``magnitude``: |w|.  Needs no data.
 - ``taylor``: mean_b |w * g_b|, the first-order Taylor estimate of the loss change when w is set
@@ -16,14 +18,27 @@ Three per-weight criteria, each a tensor shaped like the Conv/Linear weight it s
   convergence mu is small, so batch gradients rank weights like the per-sample Fisher at one
   backward pass per batch instead of one per sample.
 
-``g_b`` is the gradient of the task cross-entropy on mini-batch ``b`` of ``SCORE_BATCH_SIZE``
-training samples; ``batches`` of them are taken in a seeded shuffled order, with the model in eval
-mode (dropout off, batch-norm statistics frozen: the function being pruned is the deployed one).
-``torch.autograd.grad`` is used, so no ``.grad`` is left behind.
+``g_b`` is the gradient of the task cross-entropy (``core.outputs.task_loss``: per example for a
+classifier, per token for a sequence model) on mini-batch ``b`` of ``SCORE_BATCH_SIZE`` training
+samples; ``batches`` of them are taken in a seeded shuffled order, with the model in eval mode
+(dropout off, batch-norm statistics frozen: the function being pruned is the deployed one).
+``torch.autograd.grad`` is used, so no ``.grad`` is left behind.  Gradients are taken with respect
+to the stored tensors themselves, so a packed in_proj_weight, an RNN's flat weights and a tied
+embedding (whose gradient sums its input and output uses) are scored like any Linear weight.
 
 ``UnstructuredPruning`` is the technique base that magnitude_pruning, gradient_pruning and
-fisher_pruning share: same config fields, same per-layer density search space, same masks; they
-differ only in ``criterion``.
+fisher_pruning share: same config fields, same per-site density search space, same masks; they
+differ only in ``criterion``.  What they act on and note:
+
+- every weight site (``plugins.common.mask_sites``), a tied input/output embedding once (its mask
+  holds for both uses).  The density of each is searched as ``density.<site.setting_key>`` (the
+  module name for a module's weight, so CNN plans and Optuna parameter names are those of before
+  sites), except for position embeddings: too small to be worth a search dimension (under 1 % of a
+  transformer's weights) and read by every token at their position; unless a config names one
+  (or sets ``default_sparsity``) it stays dense, with a note;
+- a note for each >=2-D parameter that is no site (e.g. a bare learned position tensor) and for each
+  site an earlier technique re-expressed: those stay dense;
+- a note for each configured name that matches no site.
 """
 
 from __future__ import annotations
@@ -38,8 +53,10 @@ from torch.utils.data import DataLoader
 
 from slimforge.core.errors import ConfigError
 from slimforge.core.outputs import task_loss
+from slimforge.core.sites import weight_sites
 from slimforge.core.technique import Family, Stage, TechniqueContext
-from slimforge.plugins.common import MaskedTechnique, apply_masks, keep_top, weight_layers
+from slimforge.plugins.common import (MaskedTechnique, apply_masks, density_sites, keep_top, mask_sites, site_label,
+                                      site_setting, site_setting_keys, unmatched_settings)
 
 CRITERIA = ("magnitude", "taylor", "fisher")
 SCORE_BATCH_SIZE = 64
@@ -62,14 +79,19 @@ class GradientStatistics:
 
 @contextlib.contextmanager
 def _scoring_mode(model: nn.Module):
-    """Eval mode and every parameter differentiable for the duration; both restored after."""
+    """Eval mode and every parameter differentiable for the duration; both restored after.
+
+    cuDNN's RNN backward refuses eval mode ("can only be called in training mode"), so a model with
+    a recurrent layer is scored with cuDNN off (PyTorch's own RNN kernels differentiate in eval)."""
     was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
     for p in frozen:
         p.requires_grad_(True)
+    has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
     try:
-        yield
+        with torch.backends.cudnn.flags(enabled=False) if has_rnn else contextlib.nullcontext():
+            yield
     finally:
         for p in frozen:
             p.requires_grad_(False)
@@ -77,12 +99,14 @@ def _scoring_mode(model: nn.Module):
 
 
 def gradient_statistics(model: nn.Module, dataset, *, batches: int = DEFAULT_BATCHES,
-                        batch_size: int = SCORE_BATCH_SIZE, seed: int = 0) -> GradientStatistics:
-    """Cross-entropy gradients of every parameter on the first ``batches`` batches of a seeded
-    shuffle of ``dataset``: their mean, mean absolute value and mean square."""
+                        batch_size: int = SCORE_BATCH_SIZE, seed: int = 0,
+                        names: list[str] | None = None) -> GradientStatistics:
+    """Cross-entropy gradients of every parameter (or of the ``named_parameters`` ``names``) on the
+    first ``batches`` batches of a seeded shuffle of ``dataset``: their mean, mean absolute value and
+    mean square."""
     if batches < 1:
         raise ConfigError(f"batches: must be >= 1, got {batches}")
-    named = [(name, p) for name, p in model.named_parameters()]
+    named = [(name, p) for name, p in model.named_parameters() if names is None or name in names]
     device = named[0][1].device if named else torch.device("cpu")
     total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named}
     total_abs = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named}
@@ -116,28 +140,32 @@ def fisher_score(weight: torch.Tensor, grad_square: torch.Tensor) -> torch.Tenso
     return weight.detach().float().square() * grad_square
 
 
-def importance_scores(model: nn.Module, criterion: str, dataset=None, *, layers: list[str] | None = None,
+def importance_scores(model: nn.Module, criterion: str, dataset=None, *, sites: list[str] | None = None,
                       batches: int = DEFAULT_BATCHES, batch_size: int = SCORE_BATCH_SIZE,
                       seed: int = 0) -> dict[str, torch.Tensor]:
-    """Per-weight importance of the Conv/Linear ``layers`` (default: all of them), by name.
+    """Per-weight importance of the weight ``sites`` (site names; default: every site), each shaped
+    like the site's stored tensor, by site name.  Gradients are computed only for those sites.
 
     ``dataset`` (``(x, y)`` items) is needed by the gradient criteria only."""
     if criterion not in CRITERIA:
         raise ConfigError(f"criterion: must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-    modules = weight_layers(model)
-    names = list(modules) if layers is None else layers
+    every = weight_sites(model)
+    names = list(every) if sites is None else sites
+    missing = [name for name in names if name not in every]
+    if missing:
+        raise ConfigError(f"no weight site named {', '.join(map(repr, missing))}; sites: {', '.join(every)}")
+    weights = {name: every[name].tensor(model) for name in names}
     if criterion == "magnitude":
-        return {name: modules[name].weight.detach().abs() for name in names}
+        return {name: w.detach().abs() for name, w in weights.items()}
     if dataset is None:
         raise ConfigError(f"criterion {criterion!r} needs training data to compute gradients")
-    stats = gradient_statistics(model, dataset, batches=batches, batch_size=batch_size, seed=seed)
-    # Looked up by identity: a weight tied to another layer's is listed once, under the first name.
+    # Looked up by identity: a tied tensor is listed once by named_parameters, under its first name.
     param_name = {id(p): n for n, p in model.named_parameters()}
+    stats = gradient_statistics(model, dataset, batches=batches, batch_size=batch_size, seed=seed,
+                                names=[param_name[id(w)] for w in weights.values()])
     if criterion == "taylor":
-        return {name: taylor_score(modules[name].weight, stats.mean_abs[param_name[id(modules[name].weight)]])
-                for name in names}
-    return {name: fisher_score(modules[name].weight, stats.mean_square[param_name[id(modules[name].weight)]])
-            for name in names}
+        return {name: taylor_score(w, stats.mean_abs[param_name[id(w)]]) for name, w in weights.items()}
+    return {name: fisher_score(w, stats.mean_square[param_name[id(w)]]) for name, w in weights.items()}
 
 
 # --- the unstructured techniques' shared config and behaviour ------------------------------------
@@ -168,7 +196,7 @@ class GradientScoredConfig(UnstructuredPruningConfig):
 
 
 class UnstructuredPruning(MaskedTechnique):
-    """Zero the lowest-``criterion`` fraction of each Conv/Linear weight; masks kept in training.
+    """Zero the lowest-``criterion`` fraction of each weight site; masks kept in training.
 
     Subclasses set ``name``, ``Config``, ``description`` and ``criterion``."""
 
@@ -178,19 +206,28 @@ class UnstructuredPruning(MaskedTechnique):
     criterion: ClassVar[str]
 
     def suggest(self, space, task):
-        sparsity = {name: round(1.0 - space.suggest_float(f"density.{name}", *DENSITY_RANGE, log=True), 3)
-                    for name in weight_layers(task.teacher)}
+        sparsity = {site.setting_key: round(1.0 - space.suggest_float(f"density.{site.setting_key}", *DENSITY_RANGE,
+                                                                      log=True), 3)
+                    for site in density_sites(task.teacher).values()}
         return self.Config(sparsity=sparsity)
 
     def apply(self, model: nn.Module, config, ctx: TechniqueContext) -> nn.Module:
-        layers = weight_layers(model)
-        for name in set(config.sparsity) - set(layers):
+        for name in unmatched_settings(config.sparsity, dict.fromkeys(site_setting_keys(weight_sites(model)))):
             ctx.note(f"{self.name}: layer {name!r} not found in the model; ignored")
-        pruned = [name for name in layers if config.sparsity_of(name) > 0]
+        sparsity = {}
+        for name, site in mask_sites(model, ctx, self.name).items():
+            value = site_setting(site, config.sparsity)
+            if value is None:
+                value = config.default_sparsity
+                if site.role == "position_embedding" and not value:
+                    ctx.note(f"{self.name}: position embedding {site_label(site)} left dense: not searched "
+                             f"(a small table every token reads); name it in sparsity to prune it")
+            if value > 0:
+                sparsity[name] = value
         scores = {}
-        if pruned:  # the gradient criteria cost a data pass: none when nothing is pruned
+        if sparsity:  # the gradient criteria cost a data pass: none when nothing is pruned
             data = ctx.task.split("train") if self.criterion != "magnitude" else None
-            scores = importance_scores(model, self.criterion, data, layers=pruned,
+            scores = importance_scores(model, self.criterion, data, sites=list(sparsity),
                                        batches=getattr(config, "batches", DEFAULT_BATCHES), seed=ctx.seed)
-        apply_masks(model, {name: keep_top(scores[name], config.sparsity_of(name)) for name in pruned}, ctx)
+        apply_masks(model, {name: keep_top(scores[name], value) for name, value in sparsity.items()}, ctx)
         return model

@@ -1,8 +1,17 @@
 """N:M semi-structured sparsity: in every group of M consecutive weights along the reduction
 dimension, only the N largest |w| survive.
 
-The reduction dimension is what a GEMM sums over: ``in_features`` for Linear, the flattened
-``in_channels * kh * kw`` of each output filter for Conv.  The pattern (1:4, 2:4, 2:8, 4:8) is
+The reduction dimension is what a GEMM sums over: the input dimension of the site's logical
+``out x in`` matrix (``core.sites``).  That is ``in_features`` for Linear, the flattened
+``in_channels * kh * kw`` of each output filter for Conv, the *stored rows' transpose* for Hugging
+Face Conv1D (GPT-2 stores (in, out), so groups run down its stored columns), the embedding dim for
+nn.MultiheadAttention's packed in_proj_weight and the input / hidden size for RNN weight_ih /
+weight_hh.  Token Embedding tables get groups along the embedding dimension: for a tied
+input/output embedding (one site, one mask) that is the output projection's reduction dimension;
+for an untied table it is a lookup and the pattern buys file size only.  Position embeddings are
+left dense, with a note: an additive table with no reduction for N:M to speed up, and under 1 %
+of a transformer's weights.  A >=2-D parameter that is no weight site (a bare learned position
+tensor) and a site an earlier technique re-expressed stay dense, with a note.  The pattern (1:4, 2:4, 2:8, 4:8) is
 searched; the mask is fixed at ``apply`` and re-imposed after every recovery-training step, so the
 pattern holds in the saved model (at most N nonzeros per group; exactly N unless the weight already
 had zeros there, e.g. from an earlier pruning step).
@@ -30,7 +39,7 @@ from torch import nn
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.technique import Family, Stage, TechniqueContext
-from slimforge.plugins.common import MaskedTechnique, apply_masks, weight_layers
+from slimforge.plugins.common import MaskedTechnique, apply_masks, mask_sites, site_label, site_mask
 
 GROUP_SIZES = (4, 8, 16)
 PATTERNS = ("1:4", "2:4", "2:8", "4:8")  # searched; any valid n:m can be configured by hand
@@ -71,7 +80,7 @@ class NMSparsity(MaskedTechnique):
     stage = Stage.SPARSITY
     Config = NMSparsityConfig
     needs_recovery = True
-    description = "N:M semi-structured sparsity (1:4, 2:4, 2:8, 4:8) along the reduction dim; masks kept in fine-tuning."
+    description = "N:M semi-structured sparsity (1:4, 2:4, 2:8, 4:8) along each weight site's reduction dim; masks kept in fine-tuning."
 
     def suggest(self, space, task) -> NMSparsityConfig:
         n, m = map(int, space.suggest_categorical("pattern", list(PATTERNS)).split(":"))
@@ -79,12 +88,17 @@ class NMSparsity(MaskedTechnique):
 
     def apply(self, model: nn.Module, config: NMSparsityConfig, ctx: TechniqueContext) -> nn.Module:
         masks = {}
-        for name, layer in weight_layers(model).items():
-            k = layer.weight[0].numel()
+        for name, site in mask_sites(model, ctx, self.name).items():
+            if site.role == "position_embedding":
+                ctx.note(f"nm_sparsity: position embedding {site_label(site)} left dense: an additive table, "
+                         f"no reduction for an N:M pattern to speed up, and a small one")
+                continue
+            k = site.in_features
             if k % config.m:
-                ctx.note(f"nm_sparsity: layer {name!r}: reduction dim {k} is not a multiple of {config.m}; "
+                ctx.note(f"nm_sparsity: {site_label(site)}: reduction dim {k} is not a multiple of {config.m}; "
                          f"its last group per row ({k % config.m} weights) is padded logically")
-            masks[name] = nm_mask(layer.weight, config.n, config.m)
+            # Groups run along the logical matrix's input dimension, whatever the storage order.
+            masks[name] = site_mask(site, nm_mask(site.matrix(model), config.n, config.m))
         apply_masks(model, masks, ctx)
         return model
 

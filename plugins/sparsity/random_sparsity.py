@@ -1,11 +1,17 @@
 """Random unstructured sparsity: the control for importance-based pruning.
 
-Each Conv/Linear weight loses a uniformly random subset of its entries (exactly
-``round(sparsity * numel)`` of them), the mask seeded by ``ctx.seed + layer index`` so a trial is
-reproducible.  Per-layer density is searched with the same log-uniform prior as
-``magnitude_pruning`` and the zeros are stored the same way (the codec writes sparse tensors
-sparsely), so at equal size any accuracy gap between the two is what choosing *which* weights to
-drop is worth.  Masks are re-imposed after every recovery-training step.
+Each weight site (``plugins.common.mask_sites``: Conv/Linear, HF Conv1D, nn.MultiheadAttention's
+in_proj_weight, Embedding tables with a tied input/output embedding masked once, RNN
+weight_ih/hh) loses a uniformly random subset of its entries (exactly ``round(sparsity * numel)``
+of them), the mask seeded by ``ctx.seed + site index`` so a trial is reproducible.  Per-site
+density is searched with the same log-uniform prior and the same sites as ``magnitude_pruning``
+(``density.<site.setting_key>``; position embeddings are not searched and stay dense unless a
+config names them, with a note) and the zeros are stored the same way (the codec writes sparse
+tensors sparsely), so at equal size any accuracy gap between the two is what choosing *which*
+weights to drop is worth.  Masks are re-imposed after every recovery-training step.
+
+Notes: each >=2-D parameter that is no weight site (a bare learned position tensor) and each site
+an earlier technique re-expressed stay dense; configured names that match no site are ignored.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from torch import nn
 
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
+from slimforge.core.sites import weight_sites
 from slimforge.core.technique import Family, Stage, TechniqueContext
-from slimforge.plugins.common import (MaskedTechnique, apply_masks, keep_top, setting_for, unmatched_settings,
-                                      weight_layers)
+from slimforge.plugins.common import (MaskedTechnique, apply_masks, density_sites, keep_top, mask_sites, site_label,
+                                      site_setting, site_setting_keys, unmatched_settings)
 
 # Same prior as magnitude_pruning, so both searches spend their trials at the same sizes.
 from slimforge.plugins.pruning.magnitude import DENSITY_RANGE
@@ -27,7 +34,7 @@ from slimforge.plugins.pruning.magnitude import DENSITY_RANGE
 
 @dataclass(frozen=True, kw_only=True)
 class RandomSparsityConfig:
-    sparsity: dict[str, float] = field(default_factory=dict)  # layer name -> fraction of zeros
+    sparsity: dict[str, float] = field(default_factory=dict)  # site setting_key -> fraction of zeros
     default_sparsity: float = 0.0  # for layers not named in ``sparsity``
 
     def __post_init__(self) -> None:
@@ -51,23 +58,28 @@ class RandomSparsity(MaskedTechnique):
     # A random mask on top of a magnitude mask only destroys what the magnitude mask chose: the
     # pair measures nothing either baseline is for.
     cannot_follow = frozenset({"magnitude_pruning"})
-    description = "Random unstructured masks (seeded), per-layer sparsity searched: baseline for magnitude pruning."
+    description = "Random unstructured masks (seeded) on every weight site, per-site sparsity searched: baseline for magnitude pruning."
 
     def suggest(self, space, task) -> RandomSparsityConfig:
-        sparsity = {name: round(1.0 - space.suggest_float(f"density.{name}", *DENSITY_RANGE, log=True), 3)
-                    for name in weight_layers(task.teacher)}
+        sparsity = {site.setting_key: round(1.0 - space.suggest_float(f"density.{site.setting_key}", *DENSITY_RANGE,
+                                                                      log=True), 3)
+                    for site in density_sites(task.teacher).values()}
         return RandomSparsityConfig(sparsity=sparsity)
 
     def apply(self, model: nn.Module, config: RandomSparsityConfig, ctx: TechniqueContext) -> nn.Module:
-        layers = weight_layers(model)
-        for name in unmatched_settings(config.sparsity, layers):
+        for name in unmatched_settings(config.sparsity, dict.fromkeys(site_setting_keys(weight_sites(model)))):
             ctx.note(f"random_sparsity: layer {name!r} not found in the model; ignored")
         masks = {}
-        for index, (name, layer) in enumerate(layers.items()):
-            sparsity = setting_for(name, config.sparsity)
-            sparsity = config.default_sparsity if sparsity is None else sparsity
+        for index, (name, site) in enumerate(mask_sites(model, ctx, self.name).items()):
+            sparsity = site_setting(site, config.sparsity)
+            if sparsity is None:
+                sparsity = config.default_sparsity
+                if site.role == "position_embedding" and not sparsity:
+                    ctx.note(f"random_sparsity: position embedding {site_label(site)} left dense: not searched "
+                             f"(a small table every token reads); name it in sparsity to prune it")
             if sparsity > 0:
-                masks[name] = random_mask(layer.weight.shape, sparsity, ctx.seed + index).to(layer.weight.device)
+                weight = site.tensor(model)
+                masks[name] = random_mask(weight.shape, sparsity, ctx.seed + index).to(weight.device)
         apply_masks(model, masks, ctx)
         return model
 

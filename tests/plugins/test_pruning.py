@@ -67,13 +67,13 @@ def test_taylor_and_fisher_scores_equal_hand_computed_values():
     # One sample per batch, all four batches: the order does not matter.
     stats = gradient_statistics(model, data, batches=4, batch_size=1)
     assert torch.allclose(stats.mean["0.weight"], torch.tensor([[-0.125, -0.125], [0.125, 0.125]]))
-    taylor = importance_scores(model, "taylor", data, batches=4, batch_size=1)["0"]
-    fisher = importance_scores(model, "fisher", data, batches=4, batch_size=1)["0"]
+    taylor = importance_scores(model, "taylor", data, batches=4, batch_size=1)["0.weight"]
+    fisher = importance_scores(model, "fisher", data, batches=4, batch_size=1)["0.weight"]
     # mean_b |w * g_b| = |w| * 0.875 (not |w * mean g| = |w| * 0.125) and w^2 * 0.9375,
     # with w = [[1, -1], [2, -2]]
     assert torch.allclose(taylor, torch.tensor([[0.875, 0.875], [1.75, 1.75]]), atol=1e-6)
     assert torch.allclose(fisher, torch.tensor([[0.9375, 0.9375], [3.75, 3.75]]), atol=1e-6)
-    assert torch.equal(importance_scores(model, "magnitude")["0"], torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
+    assert torch.equal(importance_scores(model, "magnitude")["0.weight"], torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
     assert all(p.grad is None for p in model.parameters()), "scoring leaves no .grad behind"
 
 
@@ -110,8 +110,8 @@ def test_sparsity_is_exact_per_layer_and_drops_the_lowest_scores(task, technique
         assert int(zeros.sum()) == round(SPARSITY[name] * w.numel()), name
         assert not torch.signbit(w[zeros]).any(), f"{name}: masked weights must be +0.0"
         # Every pruned weight scores no higher than every kept one.
-        assert scores[name][zeros].max() <= scores[name][~zeros].min(), name
-        assert torch.equal(ctx.state["masks"][name], ~zeros)
+        assert scores[f"{name}.weight"][zeros].max() <= scores[f"{name}.weight"][~zeros].min(), name
+        assert torch.equal(ctx.state["masks"][f"{name}.weight"], ~zeros)  # masks are keyed by site
 
 
 def test_criteria_prune_different_weights(task):
@@ -119,7 +119,7 @@ def test_criteria_prune_different_weights(task):
     for technique, config_cls, criterion in UNSTRUCTURED:
         ctx = TechniqueContext(task=task)
         technique().apply(copy.deepcopy(task.teacher), config_cls(default_sparsity=0.5), ctx)
-        masks[criterion] = ctx.state["masks"]["6"]
+        masks[criterion] = ctx.state["masks"]["6.weight"]
     assert not torch.equal(masks["magnitude"], masks["taylor"])
     assert not torch.equal(masks["taylor"], masks["fisher"])
 
@@ -130,10 +130,10 @@ def test_masks_survive_recovery_optimizer_steps(task, technique, config_cls, cri
     before = copy.deepcopy(task.teacher)
     model, ctx = compress(technique(), config, task, recovery_steps=3)
     for name, layer in weight_layers(model).items():
-        mask = ctx.state["masks"][name]
+        mask = ctx.state["masks"][f"{name}.weight"]
         assert torch.equal(layer.weight != 0, mask), name
         assert not torch.signbit(layer.weight[~mask]).any()
-    kept = ctx.state["masks"]["6"]
+    kept = ctx.state["masks"]["6.weight"]
     assert not torch.equal(weight_layers(model)["6"].weight[kept], weight_layers(before)["6"].weight[kept]), \
         "recovery must actually have trained the kept weights"
 
