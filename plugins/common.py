@@ -198,11 +198,12 @@ def choose_code_storage(codes: torch.Tensor, bits: int) -> str:
 # those written before weight sites existed), or a ``core.sites.DerivedWeight`` everywhere else
 # (a parent reads ``.weight``, Hugging Face Conv1D, Embedding, RNN flat weights, tied weights).
 
-def replaceable_layer(model: nn.Module, site) -> bool:
+def replaceable_layer(model: nn.Module, site, padding_modes: tuple[str, ...] | None = ("zeros",)) -> bool:
     """True when ``site`` may keep the replacement-module form: the weight of a plain
     nn.Linear / nn.Conv1d / nn.Conv2d (exact types: nn.MultiheadAttention's ``out_proj`` is a Linear
     subclass that its parent reads by attribute), zero padding, not tied to another place, not
-    already derived by an earlier step, and not held by a torch.nn layer other than a container:
+    already derived by an earlier step, with a ``padding_mode`` in ``padding_modes`` (None: any; a
+    replacement module that pads by itself passes None), and not held by a torch.nn layer other than a container:
     those read their children's tensors (nn.TransformerEncoderLayer checks ``linear1.weight`` for
     its fast path), where a user's or library's module calls them."""
     owner = site.owner(model)
@@ -210,7 +211,8 @@ def replaceable_layer(model: nn.Module, site) -> bool:
     parent_reads = (parent is not None and type(parent).__module__.startswith("torch.nn")
                     and not isinstance(parent, (nn.Sequential, nn.ModuleList, nn.ModuleDict)))
     return (site.param == "weight" and type(owner) in WEIGHT_LAYERS and not site.tied and not site.is_derived(model)
-            and getattr(owner, "padding_mode", "zeros") == "zeros" and not parent_reads)
+            and (padding_modes is None or getattr(owner, "padding_mode", "zeros") in padding_modes)
+            and not parent_reads)
 
 
 def site_order(model: nn.Module, example_inputs, sites: dict | None = None) -> list[str]:
