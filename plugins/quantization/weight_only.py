@@ -1,8 +1,27 @@
-"""Weight-only affine quantization at 2-8 bits, bit width searched per layer (mixed precision).
+"""Weight-only affine quantization at 2-8 bits, bit width searched per weight site (mixed precision).
 
-Each Conv/Linear weight is quantized per output channel, ``q = clamp(round(w / s) + z, 0, 2**b - 1)``,
-and the layer is replaced by a ``WeightOnlyQuantized`` module whose state_dict holds only the codes,
-one scale per output channel, the zero points in asymmetric mode, and the float bias.
+Every weight site (``core.sites``: Conv, Linear, nn.MultiheadAttention's packed ``in_proj_weight``
+and its ``out_proj``, Hugging Face ``Conv1D``, Embedding tables, RNN ``weight_ih/hh``) is quantized
+per *logical* output row of its ``out x in`` matrix, ``q = clamp(round(w / s) + z, 0, 2**b - 1)``:
+an output channel for Conv/Linear, a logical output channel for Conv1D (its stored ``(in, out)``
+is transposed back), a q/k/v row of a packed projection (so q, k and v never share a scale), a
+gate row of an RNN, and a token's row of an Embedding table (per-row scales: a rare token's small
+vector keeps its own resolution).  Settings are keyed by ``site.setting_key`` (the module name for
+a module's ``weight``, as before sites).  The quantized site takes one of two forms:
+
+- a plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` with zero padding that is only ever called
+  (``plugins.common.replaceable_layer``) is replaced by a ``WeightOnlyQuantized`` module whose
+  state_dict holds only the codes, one scale per output channel, the zero points in asymmetric mode,
+  and the float bias: exactly the bytes written before sites existed, so CNN and MLP artifacts are
+  unchanged (recorded in ``ctx.structure["bits"]`` / ``["storage"]``);
+- every other site becomes a ``QuantizedWeight`` parametrization (``core.sites.derive_weight``)
+  holding the same codes/scales/zero points: ``.weight`` stays readable, so nn.MultiheadAttention
+  (which reads ``out_proj.weight``), nn.TransformerEncoderLayer (which reads its Linears for its
+  fast path), RNN flat weights and Conv1D keep working, and tied input/output embeddings share one
+  ``QuantizedWeight``, stored once (recorded in ``ctx.structure["derived"]``, absent when empty).
+
+A parameter no site covers (a hand-written position tensor, say) is left in float32 with a note,
+and so is a site an earlier step already re-expressed.
 
 A code is the level relative to the channel's zero point, ``(q - z) mod 2**b``, so every weight that
 is exactly 0.0 (pruned by an earlier step, or rounded to 0) is code 0.  Each layer stores its codes
@@ -18,8 +37,9 @@ repeated code when every position was stored: LeNet-5 fc1, magnitude-pruned to 8
 Artifacts written before record no storage and hold absolute levels, packed; they still load.
 
 This is honest *weight-only* quantization: storage shrinks, compute stays float32.  The forward
-pass dequantizes (decode -> ``(q - z) * s``) and calls ``F.conv2d`` / ``F.linear``.  By default the
-dequantized weight is computed once, when the module is built or its state_dict is loaded, into a
+pass dequantizes (decode -> ``(q - z) * s``) and calls ``F.conv2d`` / ``F.linear`` (the derived form:
+the module's own forward reads the dequantized ``.weight``).  By default the dequantized weight is
+computed once, when the module or parametrization is built or its state_dict is loaded, into a
 non-persistent buffer (``dequantize_once=True``): latency then equals the float model's and run-time
 memory is the float model's plus the codes; nothing of it reaches the artifact.  With
 ``dequantize_once=False`` every forward decodes the codes again, which keeps run-time memory at the

@@ -1,12 +1,28 @@
 """K-means weight sharing (Deep Compression, Han et al. 2016, section 3).
 
-Per Conv/Linear layer, the weights are clustered into ``k = 2**bits`` scalar centroids by Lloyd's
-algorithm with *linear* initialisation (centroids evenly spaced between min and max: the paper's
-best, because it keeps the rare large weights that matter most).  The layer becomes a
-``ClusteredLayer`` that stores only the codebook (k floats, fine-tuned by recovery training), the
-cluster index (code) of every weight and the bias.  Forward decodes ``codebook[codes]`` and calls
-the layer's functional op: autograd then gives each centroid the sum of its weights' gradients, the
-paper's centroid fine-tuning rule.
+Per weight site (``core.sites``: Conv, Linear, nn.MultiheadAttention's packed ``in_proj_weight``
+and ``out_proj``, Hugging Face ``Conv1D``, Embedding tables, RNN ``weight_ih/hh``), the weights are
+clustered into ``k = 2**bits`` scalar centroids by Lloyd's algorithm with *linear* initialisation
+(centroids evenly spaced between min and max: the paper's best, because it keeps the rare large
+weights that matter most).  Convolutions default to ``conv_bits``, every other site (they are all
+fully connected maps) to ``fc_bits``; settings are keyed by ``site.setting_key``.  The site keeps
+only the codebook (k floats, fine-tuned by recovery training) and the cluster index (code) of every
+weight, in one of two forms:
+
+- a plain called ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (``plugins.common.replaceable_layer``)
+  becomes a ``ClusteredLayer`` holding codebook, codes and bias, whose forward decodes
+  ``codebook[codes]`` and calls the layer's functional op: the bytes written before sites existed,
+  so CNN and MLP artifacts are unchanged (``ctx.structure["layers"]``);
+- every other site becomes a ``ClusteredWeight`` parametrization (``core.sites.derive_weight``):
+  ``.weight`` stays readable for the parents that read it (nn.MultiheadAttention, RNNs, Conv1D),
+  the codes cover the logical ``out x in`` matrix, and tied input/output embeddings share one
+  ``ClusteredWeight``, clustered and stored once (``ctx.structure["derived"]``, absent when empty).
+
+Both decode through the same differentiable lookup while gradients are on, so autograd gives each
+centroid the sum of its weights' gradients, the paper's centroid fine-tuning rule; with gradients
+off the decoded weight is cached until the codebook changes.  A site too small for its codebook to
+save bytes is left dense with a note, and so is any parameter no site covers and any site an
+earlier step already re-expressed.
 
 Weights an earlier plan step set to zero (pruning, N:M sparsity) keep code 0, which decodes to a
 constant 0.0 outside the trainable codebook, so they stay exactly zero through fine-tuning and only
