@@ -219,7 +219,7 @@ def site_order(model: nn.Module, example_inputs, sites: dict | None = None) -> l
     """Site names in the order the forward pass first uses them.  A site is used when its module
     (or, for a module its parent only reads, e.g. nn.MultiheadAttention's ``out_proj``, the nearest
     ancestor) is called; a tied site at the first of its places.  Sites never used go last."""
-    from slimforge.core.sites import weight_sites  # noqa: PLC0415 - core.sites imports nothing of plugins
+    from slimforge.core.sites import weight_sites  # here, not at the top: only this section needs it
 
     sites = weight_sites(model) if sites is None else sites
     modules = dict(model.named_modules(remove_duplicate=False))

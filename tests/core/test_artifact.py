@@ -348,7 +348,7 @@ def test_only_exact_sharing_is_aliased():
     base = torch.arange(24, dtype=torch.float32)
     tensors = {"a": base.view(4, 6), "b": base.view(4, 6), "t": base.view(4, 6).t(), "half": base[:12],
                "same_values": base.clone().view(4, 6), "e1": torch.empty(0), "e2": torch.empty(0)}
-    meta, decoded = decode_tensors(encode_tensors(tensors, {}))
+    _, decoded = decode_tensors(encode_tensors(tensors, {}))
     assert decoded["b"] is decoded["a"]
     for name in ("t", "half", "same_values", "e1", "e2"):  # other views, equal copies, empties: apiece
         assert decoded[name] is not decoded["a"] and torch.equal(decoded[name], tensors[name])
@@ -370,7 +370,7 @@ def test_a_version_1_reader_refuses_an_aliased_file_loudly(monkeypatch):
 
 def _rewrite_header(data: bytes, change) -> bytes:
     """Re-encode ``data`` with ``change(header)`` applied, with valid checksums (a crafted file)."""
-    _, version, hlen, _, plen = artifact._PREFIX.unpack_from(data)
+    _, _, hlen, _, plen = artifact._PREFIX.unpack_from(data)
     start = artifact._PREFIX.size
     header = json.loads(zlib.decompress(data[start:start + hlen]))
     change(header)

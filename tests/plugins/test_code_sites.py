@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from slimforge.core.artifact import describe_artifact
 from slimforge.core.compressed import load_model, save_model
 from slimforge.core.manager import Plugins
+from slimforge.core.outputs import logits_of
 from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.recovery import AppliedStep, TeacherOutputs, recover
 from slimforge.core.sites import derived_of, weight_sites
@@ -51,8 +52,6 @@ def _round_trip(task, model, ctx, technique, config, path):
     loaded = load_model(path, Plugins(load_entry_points=False).registry).model
     x = task.split("val")[:][0][:8]
     with torch.inference_mode():
-        from slimforge.core.outputs import logits_of
-
         assert torch.equal(logits_of(model(x)), logits_of(loaded(x)))
     return loaded
 
@@ -139,7 +138,7 @@ def test_embedding_rows_each_get_a_scale():
     derived = model.embed.parametrizations.weight[0]
     assert derived.scale.shape == (model.embed.num_embeddings,)  # per token, the Embedding's out rows
     table = tiny_task(ARCH + "tiny_gru").teacher.embed.weight
-    codes, scale, zero = quantize_rows(table, 4, True)
+    _, scale, _ = quantize_rows(table, 4, True)
     assert torch.equal(derived.scale, scale)
 
 
@@ -149,7 +148,7 @@ def test_tied_embeddings_are_quantized_once_and_stored_once(tmp_path):
     wte, head = model.transformer.wte, model.lm_head
     assert wte.parametrizations.weight[0] is head.parametrizations.weight[0]
     assert torch.equal(wte.weight, head.weight)
-    assert list(ctx.structure["derived"]) .count("transformer.wte") == 1 and "lm_head" not in ctx.structure["derived"]
+    assert "transformer.wte" in ctx.structure["derived"] and "lm_head" not in ctx.structure["derived"]
     loaded = _round_trip(task, model, ctx, WeightOnlyQuant(), config, tmp_path / "g.slim")
     assert loaded.transformer.wte.parametrizations.weight[0] is loaded.lm_head.parametrizations.weight[0]
     rows = {r["name"]: r for r in describe_artifact(tmp_path / "g.slim")["tensors"]}
@@ -208,12 +207,12 @@ def test_clustered_conv1d_codes_cover_the_logical_matrix(tmp_path):
     _round_trip(task, model, ctx, KMeansClustering(), config, tmp_path / "k.slim")
 
 
-def test_attention_and_rnn_sites_are_clustered(tmp_path):
+def test_attention_and_rnn_sites_are_clustered():
     for architecture, owner_param in (("tiny_transformer", ("encoder.layers.0.self_attn", "in_proj_weight")),
                                       ("tiny_transformer", ("encoder.layers.0.self_attn.out_proj", "weight")),
                                       ("tiny_gru", ("rnn", "weight_hh_l0"))):
         config = KMeansConfig(fc_bits=4)
-        task, model, ctx = _apply(KMeansClustering(), config, architecture)
+        _, model, _ = _apply(KMeansClustering(), config, architecture)
         owner = model.get_submodule(owner_param[0])
         assert isinstance(owner.parametrizations[owner_param[1]][0], ClusteredWeight)
         assert len(torch.unique(getattr(owner, owner_param[1]))) <= 16
@@ -235,3 +234,18 @@ def test_a_site_an_earlier_step_derived_is_noted_and_left_alone():
     again = KMeansClustering().apply(model, KMeansConfig(), ctx)
     assert isinstance(again.transformer.wte.parametrizations.weight[0], QuantizedWeight)
     assert any("'transformer.wte.weight' is already computed by an earlier step" in n for n in ctx.notes)
+
+
+@pytest.mark.parametrize("technique, config", [(WeightOnlyQuant(), WeightOnlyQuantConfig(default_bits=4)),
+                                               (KMeansClustering(), KMeansConfig())])
+def test_a_reader_that_ignores_derived_sites_refuses_the_file(tmp_path, technique, config):
+    # An older slimforge knows only the replacement modules and ignores ``derived``: the strict load
+    # then fails on the parametrized keys instead of running with random dense weights.
+    from slimforge.core.errors import ArtifactError
+
+    task, model, ctx = _apply(technique, config, "tiny_bert")
+    del ctx.structure["derived"]
+    plan = Plan(steps=(PlanStep(technique.name, technique.config_to_dict(config)),), seed=0)
+    save_model(model, tmp_path / "b.slim", task=task, plan=plan, structure=[ctx.structure])
+    with pytest.raises(ArtifactError, match="tensors do not fit the rebuilt model"):
+        load_model(tmp_path / "b.slim", Plugins(load_entry_points=False).registry)
