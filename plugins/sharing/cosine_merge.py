@@ -361,6 +361,10 @@ class CosineMerge(Technique):
         hidden = {name: width for name in ffns if (width := merge_ffn(model.get_submodule(name), config.threshold))}
         if hidden:  # absent when no FFN merged, so a CNN's header is the one written before
             ctx.structure["ffn"] = hidden
+        candidates = len(chains) + len(ffns)
+        if candidates and not kept_counts and not hidden:  # why a mergeable model did not shrink
+            ctx.note(f"cosine_merge: no units above cosine {config.threshold:.3f} (or all-zero) in the "
+                     f"{candidates} mergeable layer(s); nothing merged")
         return model
 
     def restore_structure(self, model, config: CosineMergeConfig, example_inputs, structure) -> nn.Module:
