@@ -13,6 +13,15 @@ tensors, the layout chosen plus the byte streams that hold the data. Each stream
 records its codec, offset, stored length, raw size and a CRC32 of the stored
 bytes, so any flipped byte is detected before it can reach a decompressor.
 
+A tensor that several state_dict keys share (tied input/output embeddings, or one technique
+tensor registered under two tied modules) is stored once: the first key holds it, each other key
+is an ``alias`` entry naming that key, and decoding hands every alias the same tensor object, so
+the bytes on disk count it once.  Only exact sharing is aliased (same storage, offset, shape,
+stride and dtype); overlapping views are stored apiece.  An artifact with aliases is written as
+format version 2, so an older slimforge (version 1 only) refuses it with "upgrade slimforge"
+instead of failing on an entry kind it does not know; one without aliases is still version 1,
+byte for byte as before.
+
 Per tensor the encoder (1) narrows the dtype when that round-trips bit-exactly,
 (2) picks dense / bitmask / relative-index (Deep Compression) layout by raw byte
 count, and (3) entropy-codes every stream with zlib or lzma (optionally after a
@@ -35,7 +44,9 @@ import torch
 
 from slimforge.core.errors import ArtifactError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this reader understands
+# What each format version added: a file is written at the lowest version its entries need.
+_BASE_VERSION, ALIAS_VERSION = 1, 2
 MAGIC = b"SLIMFRG1"
 _PREFIX = struct.Struct("<8sBIIQ")
 # Raw LZMA2 has no self-describing header (saves ~60 bytes per stream vs .xz),
@@ -199,15 +210,34 @@ def _encode_value(v, name: str, payload: _Payload) -> dict:
     return {"kind": "tensor", **_encode_array(t, payload)}
 
 
+def _sharing_key(v) -> tuple | None:
+    """What two keys holding the very same tensor have in common, or None when ``v`` is not a
+    tensor worth aliasing.  Empty tensors cost nothing stored and may all report storage address
+    0, and quantized tensors carry their own qparams, so neither is aliased."""
+    if not isinstance(v, torch.Tensor) or v.numel() == 0 or v.is_quantized or v.layout != torch.strided:
+        return None
+    if v.device.type == "meta":
+        return None
+    return (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+
+
 def encode_tensors(tensors: dict, meta: dict) -> bytes:
     """Serialize a state_dict-like mapping plus JSON-able meta to artifact bytes."""
     payload = _Payload()
     entries = []
+    first_key: dict[tuple, str] = {}
     for name, value in tensors.items():
         if not isinstance(name, str):
             raise ArtifactError(f"cannot store key {name!r}: keys must be str, not {type(name).__name__}")
+        sharing = _sharing_key(value)
+        if sharing is not None and sharing in first_key:
+            entries.append({"name": name, "kind": "alias", "of": first_key[sharing]})
+            continue
+        if sharing is not None:
+            first_key[sharing] = name
         entries.append({"name": name, **_encode_value(value, name, payload)})
-    header = {"format_version": FORMAT_VERSION, "meta": meta, "tensors": entries}
+    version = ALIAS_VERSION if any(e["kind"] == "alias" for e in entries) else _BASE_VERSION
+    header = {"format_version": version, "meta": meta, "tensors": entries}
     # state_dict()'s per-module `_metadata` carries module versions that
     # load_state_dict needs (quantized Linear/BatchNorm take legacy paths without it).
     sd_meta = getattr(tensors, "_metadata", None)
@@ -218,7 +248,7 @@ def encode_tensors(tensors: dict, meta: dict) -> bytes:
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"artifact meta is not JSON-serializable: {exc}") from None
     hbytes = zlib.compress(hjson, 9)
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hbytes), zlib.crc32(hbytes), payload.size)
+    prefix = _PREFIX.pack(MAGIC, version, len(hbytes), zlib.crc32(hbytes), payload.size)
     return b"".join([prefix, hbytes, *payload.chunks])
 
 
@@ -349,7 +379,18 @@ def _decode(data: bytes, source: str):
     header, start, plen = _parse_header(data[:_PREFIX.size + _header_len(data)], len(data), source)
     payload = memoryview(data)[start:start + plen]
     try:
-        tensors = OrderedDict((e["name"], _decode_value(e, payload, source)) for e in header["tensors"])
+        tensors = OrderedDict()
+        for e in header["tensors"]:
+            if e["kind"] == "alias":
+                # Only a tensor decoded before it: a forward alias or one of a non-tensor is a broken file.
+                target = e["of"]
+                if header["format_version"] < ALIAS_VERSION or not isinstance(target, str) or target not in tensors \
+                        or not isinstance(tensors[target], torch.Tensor):
+                    raise ArtifactError(f"artifact is corrupted: {source} has an alias {e['name']!r} of {target!r}, "
+                                        "which is no tensor stored before it")
+                tensors[e["name"]] = tensors[target]
+            else:
+                tensors[e["name"]] = _decode_value(e, payload, source)
         if "state_dict_metadata" in header:
             tensors._metadata = OrderedDict(header["state_dict_metadata"])
     except ArtifactError:
@@ -427,6 +468,8 @@ def _rows(name: str, e: dict, out: list) -> None:
                "codecs": [s["codec"] + ("+shuffle" if s.get("shuffle") else "") for s in a["streams"]]}
               for p, a in parts.items()]
     encoding = kind if not arrays else (e.get("qscheme", "") + " " + arrays[0]["layout"]).strip()
+    if kind == "alias":  # stored once under another key; costs only its header entry
+        encoding = f"alias of {e.get('of')}"
     dtype = e.get("value") if kind == "dtype" else e.get("dtype")
     out.append({"name": name, "kind": kind, "dtype": dtype, "shape": e.get("shape"), "encoding": encoding,
                 "stored_bytes": sum(a["stored_bytes"] for a in arrays), "arrays": arrays})

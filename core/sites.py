@@ -148,7 +148,9 @@ _KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and type(module).__module__.startswith("transformers")
+    # The class before parametrization: a derived Conv1D's class is torch's generated subclass.
+    cls = parametrize.type_before_parametrizations(module)
+    return cls.__name__ == "Conv1D" and hasattr(module, "nf") and cls.__module__.startswith("transformers")
 
 
 def _kind_of(module: nn.Module) -> str | None:

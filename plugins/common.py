@@ -320,6 +320,66 @@ def choose_code_storage(codes: torch.Tensor, bits: int) -> str:
     return min(CODE_STORAGES, key=lambda storage: encoded_codes_size(codes, bits, storage))
 
 
+# --- code storage on weight sites: which form a site's codes take, and in which order sites run -----
+#
+# Code-storing techniques (weight_only_quant, kmeans_clustering) give a site one of two forms:
+# a *replacement module* for a plain Conv/Linear that is only ever called (its artifact bytes are
+# those written before weight sites existed), or a ``core.sites.DerivedWeight`` everywhere else
+# (a parent reads ``.weight``, Hugging Face Conv1D, Embedding, RNN flat weights, tied weights).
+
+def replaceable_layer(model: nn.Module, site, padding_modes: tuple[str, ...] | None = ("zeros",)) -> bool:
+    """True when ``site`` may keep the replacement-module form: the weight of a plain
+    nn.Linear / nn.Conv1d / nn.Conv2d (exact types: nn.MultiheadAttention's ``out_proj`` is a Linear
+    subclass that its parent reads by attribute), zero padding, not tied to another place, not
+    already derived by an earlier step, with a ``padding_mode`` in ``padding_modes`` (None: any; a
+    replacement module that pads by itself passes None), and not held by a torch.nn layer other than a container:
+    those read their children's tensors (nn.TransformerEncoderLayer checks ``linear1.weight`` for
+    its fast path), where a user's or library's module calls them."""
+    owner = site.owner(model)
+    parent = model.get_submodule(site.module.rpartition(".")[0]) if site.module else None
+    parent_reads = (parent is not None and type(parent).__module__.startswith("torch.nn")
+                    and not isinstance(parent, (nn.Sequential, nn.ModuleList, nn.ModuleDict)))
+    return (site.param == "weight" and type(owner) in WEIGHT_LAYERS and not site.tied and not site.is_derived(model)
+            and (padding_modes is None or getattr(owner, "padding_mode", "zeros") in padding_modes)
+            and not parent_reads)
+
+
+def site_order(model: nn.Module, example_inputs, sites: dict | None = None) -> list[str]:
+    """Site names in the order the forward pass first uses them.  A site is used when its module
+    (or, for a module its parent only reads, e.g. nn.MultiheadAttention's ``out_proj``, the nearest
+    ancestor) is called; a tied site at the first of its places.  Sites never used go last."""
+    from slimforge.core.sites import weight_sites  # here, not at the top: only this section needs it
+
+    sites = weight_sites(model) if sites is None else sites
+    modules = dict(model.named_modules(remove_duplicate=False))
+    called: dict[str, int] = {}
+
+    def hook(name):
+        def record(_module, _inputs):  # returns None: a pre-hook's return value replaces the inputs
+            called.setdefault(name, len(called))
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            model.eval()(*(t.to(device) for t in example_inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def first_use(place: str) -> float:
+        module = place.rpartition(".")[0]
+        while module:  # the root is called for every site: it says nothing of the order
+            if module in called:
+                return called[module]
+            module = module.rpartition(".")[0]
+        return math.inf
+
+    uses = {name: min(first_use(p) for p in (name, *site.tied)) for name, site in sites.items()}
+    return sorted(sites, key=lambda name: uses[name])  # stable: never-used sites keep module order
+
+
 # --- shapes: structural techniques record layer shapes so artifacts rebuild the smaller model ---
 
 RESIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)

@@ -90,7 +90,7 @@ def write_artifacts(root: Path) -> None:
     flipped[-10] ^= 0xFF
     (root / "corrupted.slim").write_bytes(bytes(flipped))
     newer = bytearray(good)
-    newer[8] = 2  # the format version byte
+    newer[8] = 3  # the format version byte: one past the newest this slimforge reads (2, aliases)
     (root / "newer.slim").write_bytes(bytes(newer))
     (root / "model.slim").write_bytes(pickle.dumps(Pwn()))
     (root / "evil.slim").write_bytes(rewrite_header(good, _evil_architecture("subprocess:getoutput", {"cmd": "touch pwned"})))

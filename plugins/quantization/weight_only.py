@@ -1,8 +1,27 @@
-"""Weight-only affine quantization at 2-8 bits, bit width searched per layer (mixed precision).
+"""Weight-only affine quantization at 2-8 bits, bit width searched per weight site (mixed precision).
 
-Each Conv/Linear weight is quantized per output channel, ``q = clamp(round(w / s) + z, 0, 2**b - 1)``,
-and the layer is replaced by a ``WeightOnlyQuantized`` module whose state_dict holds only the codes,
-one scale per output channel, the zero points in asymmetric mode, and the float bias.
+Every weight site (``core.sites``: Conv, Linear, nn.MultiheadAttention's packed ``in_proj_weight``
+and its ``out_proj``, Hugging Face ``Conv1D``, Embedding tables, RNN ``weight_ih/hh``) is quantized
+per *logical* output row of its ``out x in`` matrix, ``q = clamp(round(w / s) + z, 0, 2**b - 1)``:
+an output channel for Conv/Linear, a logical output channel for Conv1D (its stored ``(in, out)``
+is transposed back), a q/k/v row of a packed projection (so q, k and v never share a scale), a
+gate row of an RNN, and a token's row of an Embedding table (per-row scales: a rare token's small
+vector keeps its own resolution).  Settings are keyed by ``site.setting_key`` (the module name for
+a module's ``weight``, as before sites).  The quantized site takes one of two forms:
+
+- a plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` with zero padding that is only ever called
+  (``plugins.common.replaceable_layer``) is replaced by a ``WeightOnlyQuantized`` module whose
+  state_dict holds only the codes, one scale per output channel, the zero points in asymmetric mode,
+  and the float bias: exactly the bytes written before sites existed, so CNN and MLP artifacts are
+  unchanged (recorded in ``ctx.structure["bits"]`` / ``["storage"]``);
+- every other site becomes a ``QuantizedWeight`` parametrization (``core.sites.derive_weight``)
+  holding the same codes/scales/zero points: ``.weight`` stays readable, so nn.MultiheadAttention
+  (which reads ``out_proj.weight``), nn.TransformerEncoderLayer (which reads its Linears for its
+  fast path), RNN flat weights and Conv1D keep working, and tied input/output embeddings share one
+  ``QuantizedWeight``, stored once (recorded in ``ctx.structure["derived"]``, absent when empty).
+
+A parameter no site covers (a hand-written position tensor, say) is left in float32 with a note,
+and so is a site an earlier step already re-expressed.
 
 A code is the level relative to the channel's zero point, ``(q - z) mod 2**b``, so every weight that
 is exactly 0.0 (pruned by an earlier step, or rounded to 0) is code 0.  Each layer stores its codes
@@ -18,8 +37,9 @@ repeated code when every position was stored: LeNet-5 fc1, magnitude-pruned to 8
 Artifacts written before record no storage and hold absolute levels, packed; they still load.
 
 This is honest *weight-only* quantization: storage shrinks, compute stays float32.  The forward
-pass dequantizes (decode -> ``(q - z) * s``) and calls ``F.conv2d`` / ``F.linear``.  By default the
-dequantized weight is computed once, when the module is built or its state_dict is loaded, into a
+pass dequantizes (decode -> ``(q - z) * s``) and calls ``F.conv2d`` / ``F.linear`` (the derived form:
+the module's own forward reads the dequantized ``.weight``).  By default the dequantized weight is
+computed once, when the module or parametrization is built or its state_dict is loaded, into a
 non-persistent buffer (``dequantize_once=True``): latency then equals the float model's and run-time
 memory is the float model's plus the codes; nothing of it reaches the artifact.  With
 ``dequantize_once=False`` every forward decodes the codes again, which keeps run-time memory at the
@@ -49,11 +69,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimforge.core.errors import ConfigError
+from slimforge.core.errors import ArtifactError, ConfigError
 from slimforge.core.hookspecs import hookimpl
+from slimforge.core.sites import DerivedWeight, WeightSite, derive_weight, uncovered_parameters, weight_sites
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import (WEIGHT_LAYERS, choose_code_storage, codes_from_stored, empty_code_buffer,
-                                      replace_module, setting_for, stored_codes, unmatched_settings, weight_layers)
+from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, replace_module,
+                                      replaceable_layer, setting_for, site_order, stored_codes, unmatched_settings,
+                                      weight_layers)
 
 BIT_CHOICES = (2, 4, 8)  # what the search samples; a config may name any width in BIT_RANGE
 BIT_RANGE = (2, 8)  # 1 bit has no symmetric grid containing 0 and +-s
@@ -123,10 +145,28 @@ def quantize_rows(w2d: torch.Tensor, bits: int, symmetric: bool, scale_method: s
     return codes, best_scale, best_zero.to(torch.int64)
 
 
-# --- the replacement module -----------------------------------------------------------------------
+# --- the two forms a quantized site takes --------------------------------------------------------
+
+def relative_codes(absolute: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Grid levels relative to each row's zero point, ``(q - z) mod 2**b``: a 0.0 weight (pruned, or
+    rounded to 0) is code 0 in every row and in both modes, the value the codec's sparse layouts
+    leave out."""
+    return (absolute - zero[:, None]) % (1 << bits)
+
+
+def signed_levels(codes: torch.Tensor, bits: int, zero_point: torch.Tensor | None, absolute: bool = False) -> torch.Tensor:
+    """Signed level of every weight of ``codes`` (rows x columns, uint8): weight = level * scale.
+    ``zero_point`` is None in symmetric mode (the zero point is then ``2**(b-1)``)."""
+    codes = codes.to(torch.int16)
+    zero = zero_point.to(torch.int16)[:, None] if zero_point is not None else 1 << (bits - 1)
+    levels = codes if absolute else (codes + zero) & ((1 << bits) - 1)
+    return levels - zero
+
 
 class WeightOnlyQuantized(nn.Module):
-    """A Conv1d/Conv2d/Linear whose weight lives as ``bits``-bit codes + per-channel scales.
+    """A plain Conv1d/Conv2d/Linear replaced by its ``bits``-bit codes + per-channel scales (the
+    *module* form, used where the layer is only ever called, so its bytes stay those of the files
+    written before sites existed; ``QuantizedWeight`` is the form for every other site).
 
     The ``relative_codes`` buffer holds each weight's grid level minus its channel's zero point,
     modulo ``2**bits``, so every weight that is exactly 0.0 has code 0, in ``storage`` form
@@ -160,9 +200,7 @@ class WeightOnlyQuantized(nn.Module):
     def from_layer(cls, layer: nn.Module, bits: int, symmetric: bool, scale_method: str,
                    dequantize_once: bool = True) -> WeightOnlyQuantized:
         absolute, scale, zero = quantize_rows(layer.weight.detach().flatten(1), bits, symmetric, scale_method)
-        # Relative to the zero point, a 0.0 weight (pruned, or rounded to 0) is code 0 in every channel
-        # and in both modes: the value the codec's sparse layouts leave out.
-        codes = ((absolute - zero[:, None]) % (1 << bits)).view(layer.weight.shape).cpu()
+        codes = relative_codes(absolute, zero, bits).view(layer.weight.shape).cpu()
         storage = choose_code_storage(codes, bits)
         module = cls(layer, bits, symmetric, dequantize_once, storage)
         with torch.no_grad():
@@ -181,10 +219,8 @@ class WeightOnlyQuantized(nn.Module):
     def levels(self) -> torch.Tensor:
         """Signed integer level of every weight, one row per output channel: weight = level * scale."""
         codes = codes_from_stored(self.codes_buffer, self.bits, self.storage, self.weight_shape)
-        codes = codes.view(self.weight_shape[0], -1).to(torch.int16)
-        zero = self.zero_point.to(torch.int16)[:, None] if not self.symmetric else 1 << (self.bits - 1)
-        absolute = codes if self.absolute_codes else (codes + zero) & ((1 << self.bits) - 1)
-        return absolute - zero
+        return signed_levels(codes.view(self.weight_shape[0], -1), self.bits,
+                             None if self.symmetric else self.zero_point, self.absolute_codes)
 
     def dequantize(self) -> torch.Tensor:
         return (self.levels().to(torch.float32) * self.scale[:, None]).view(self.weight_shape)
@@ -207,6 +243,71 @@ class WeightOnlyQuantized(nn.Module):
         mode = "symmetric" if self.symmetric else "asymmetric"
         return (f"{self.kind}{list(self.weight_shape)}, bits={self.bits}, {mode}, storage={self.storage}, "
                 f"dequantize_once={self.dequantize_once}")
+
+
+class QuantizedWeight(DerivedWeight):
+    """A site's weight computed from ``bits``-bit codes and one scale per *logical* output row
+    (``core.sites``: Conv1D's transposed storage undone, a packed q/k/v projection's rows each their
+    own channel, an Embedding's rows its tokens).  The *derived* form: the module keeps its class
+    and reads ``.weight`` as before, so nn.MultiheadAttention (which reads ``out_proj.weight`` and
+    its packed ``in_proj_weight``), Hugging Face Conv1D, Embedding, RNN flat weights and tied
+    embeddings (one ``QuantizedWeight`` for both places, stored once) all work.
+
+    Buffers as ``WeightOnlyQuantized``'s: ``relative_codes`` of the logical ``out x in`` matrix in
+    ``storage`` form, ``scale`` and, asymmetric, ``zero_point``; the dequantized weight goes to
+    the non-persistent ``weight_cache`` at build and load with ``dequantize_once``."""
+
+    def __init__(self, site: WeightSite, bits: int, symmetric: bool, dequantize_once: bool = True,
+                 storage: str = "packed", dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.bits, self.symmetric, self.dequantize_once, self.storage = bits, symmetric, dequantize_once, storage
+        self.stored_shape, self.transposed, self.dtype = tuple(site.shape), site.transposed, dtype
+        self.matrix_shape = (site.out_features, site.in_features)
+        self.register_buffer("relative_codes", empty_code_buffer(self.matrix_shape, bits, storage, device))
+        self.register_buffer("scale", torch.ones(site.out_features, dtype=torch.float32, device=device))
+        if not symmetric:
+            self.register_buffer("zero_point", torch.zeros(site.out_features, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_cache", None, persistent=False)
+
+    @classmethod
+    def from_matrix(cls, site: WeightSite, matrix: torch.Tensor, bits: int, symmetric: bool, scale_method: str,
+                    dequantize_once: bool = True) -> QuantizedWeight:
+        absolute, scale, zero = quantize_rows(matrix.detach(), bits, symmetric, scale_method)
+        codes = relative_codes(absolute, zero, bits).cpu()
+        storage = choose_code_storage(codes, bits)
+        derived = cls(site, bits, symmetric, dequantize_once, storage, matrix.dtype, matrix.device)
+        with torch.no_grad():
+            derived.relative_codes.copy_(stored_codes(codes, bits, storage))
+            derived.scale.copy_(scale)
+            if not symmetric:
+                derived.zero_point.copy_(zero.to(torch.uint8))
+        derived.refresh_cache()
+        return derived
+
+    def levels(self) -> torch.Tensor:
+        """Signed level of every weight of the logical ``out x in`` matrix."""
+        codes = codes_from_stored(self.relative_codes, self.bits, self.storage, self.matrix_shape)
+        return signed_levels(codes, self.bits, None if self.symmetric else self.zero_point)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight in the site's stored layout (contiguous: Conv1D's transpose is materialised)."""
+        matrix = (self.levels().to(torch.float32) * self.scale[:, None]).to(self.dtype)
+        return matrix.t().contiguous() if self.transposed else matrix.reshape(self.stored_shape)
+
+    def refresh_cache(self) -> None:
+        self.weight_cache = self.dequantize() if self.dequantize_once else None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_cache()
+
+    def compute(self) -> torch.Tensor:
+        return self.weight_cache if self.weight_cache is not None else self.dequantize()
+
+    def extra_repr(self) -> str:
+        mode = "symmetric" if self.symmetric else "asymmetric"
+        return (f"{list(self.matrix_shape)}{' transposed' if self.transposed else ''}, bits={self.bits}, {mode}, "
+                f"storage={self.storage}, dequantize_once={self.dequantize_once}")
 
 
 # --- the technique --------------------------------------------------------------------------------
@@ -233,66 +334,111 @@ class WeightOnlyQuant(Technique):
     family = Family.QUANTIZATION
     stage = Stage.QUANTIZATION
     Config = WeightOnlyQuantConfig
-    description = ("Weight-only 2/4/8-bit per-channel quantization, bits per layer searched; pruned zeros stored "
-                   "sparsely; float compute.")
-    # k-means clustering leaves codebook modules, not plain Conv/Linear layers to quantize.
+    description = ("Weight-only 2/4/8-bit per-channel quantization of every weight site (attention, Conv1D, "
+                   "Embedding incl. tied, RNN), bits per site searched; pruned zeros stored sparsely; float compute.")
+    # k-means clustering leaves codebook-derived weights: quantizing them would dequantize the sharing away.
     cannot_follow = frozenset({"kmeans_clustering"})
 
     def suggest(self, space, task) -> WeightOnlyQuantConfig:
-        order = execution_order(task.teacher, task.example_inputs())
+        teacher = task.teacher
+        sites = weight_sites(teacher)
+        order = [sites[name].setting_key for name in site_order(teacher, task.example_inputs(), sites)]
         keep_ends = space.suggest_categorical("keep_ends_8bit", [True, False])
-        searched = order[1:-1] if keep_ends else order
-        bits = {name: space.suggest_categorical(f"bits.{name}", list(BIT_CHOICES)) for name in searched}
+        searched = [key for key in order if key not in _ends(order)] if keep_ends else order
+        bits = {key: space.suggest_categorical(f"bits.{key}", list(BIT_CHOICES)) for key in searched}
         symmetric = space.suggest_categorical("symmetric", [True, False])
         return WeightOnlyQuantConfig(bits=bits, keep_ends_8bit=keep_ends, symmetric=symmetric)
 
     def resolve_bits(self, model: nn.Module, config: WeightOnlyQuantConfig, example_inputs,
                      ctx: TechniqueContext | None = None) -> dict[str, int]:
-        """Bit width of every layer to quantize, ends included; notes the layers left alone."""
+        """Bit width of every site to quantize by its ``setting_key`` (the module name for a
+        module's ``weight``), in execution order, ends included; notes the weights left alone."""
         note = ctx.note if ctx is not None else (lambda _msg: None)
-        order = execution_order(model, example_inputs)
-        for name in sorted(unmatched_settings(config.bits, dict.fromkeys(order))):
-            note(f"weight_only_quant: layer {name!r} not found in the model; ignored")
-        ends = {order[0], order[-1]} if config.keep_ends_8bit and order else set()
+        sites = weight_sites(model)
+        order = site_order(model, example_inputs, sites)
+        for key in sorted(unmatched_settings(config.bits, {sites[n].setting_key: None for n in order})):
+            note(f"weight_only_quant: layer {key!r} not found in the model; ignored")
+        ends = _ends(order) if config.keep_ends_8bit else set()
         chosen = {}
         for name in order:
-            layer = model.get_submodule(name)
-            if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.padding_mode != "zeros":
-                note(f"weight_only_quant: layer {name!r} has padding_mode={layer.padding_mode!r}; left in float32")
+            site = sites[name]
+            if site.is_derived(model):
+                note(f"weight_only_quant: {name!r} is already computed by an earlier step's tensors; left as is")
                 continue
-            configured = setting_for(name, config.bits)
-            chosen[name] = END_BITS if name in ends else (config.default_bits if configured is None else configured)
-        for name, module in model.named_modules():
-            weight = getattr(module, "weight", None)
-            if (type(module) not in WEIGHT_LAYERS and isinstance(weight, torch.Tensor) and weight.dim() >= 2
-                    and not isinstance(module, WeightOnlyQuantized)):
-                note(f"weight_only_quant: {type(module).__name__} {name!r} is not a plain Conv/Linear; left as is")
+            configured = setting_for(site.setting_key, config.bits)
+            chosen[site.setting_key] = END_BITS if name in ends else (
+                config.default_bits if configured is None else configured)
+        for name, shape in uncovered_parameters(model, sites).items():
+            note(f"weight_only_quant: {name!r} {list(shape)} is not a weight matrix of a known layer kind; "
+                 "left in float32")
         return chosen
 
     def apply(self, model: nn.Module, config: WeightOnlyQuantConfig, ctx: TechniqueContext) -> nn.Module:
         model.eval()
         bits = self.resolve_bits(model, config, ctx.task.example_inputs(), ctx)
-        storage = {}
-        for name, b in bits.items():
-            quantized = WeightOnlyQuantized.from_layer(model.get_submodule(name), b, config.symmetric,
-                                                       config.scale_method, config.dequantize_once)
-            replace_module(model, name, quantized)
-            storage[name] = quantized.storage
-        ctx.structure["bits"] = bits
+        sites = {site.setting_key: site for site in weight_sites(model).values()}
+        replaced, storage, derived = {}, {}, {}
+        for key, b in bits.items():
+            site = sites[key]
+            if replaceable_layer(model, site):
+                quantized = WeightOnlyQuantized.from_layer(site.owner(model), b, config.symmetric,
+                                                           config.scale_method, config.dequantize_once)
+                replace_module(model, site.module, quantized)
+                replaced[site.module], storage[site.module] = b, quantized.storage
+            else:
+                weight = QuantizedWeight.from_matrix(site, site.matrix(model), b, config.symmetric,
+                                                     config.scale_method, config.dequantize_once)
+                derive_weight(model, site, weight)
+                derived[key] = {"bits": b, "storage": weight.storage}
+        ctx.structure["bits"] = replaced
         ctx.structure["storage"] = storage
+        if derived:  # absent for a model of plain layers, so its header is the one written before sites
+            ctx.structure["derived"] = derived
         return model
 
     def restore_structure(self, model, config: WeightOnlyQuantConfig, example_inputs, structure) -> nn.Module:
         bits = structure.get("bits")
-        if bits is None:
-            bits = self.resolve_bits(model, config, example_inputs)
+        if bits is None:  # the first artifacts recorded nothing: their layers follow from the config
+            bits = _legacy_bits(model, config, example_inputs)
         # Artifacts written before the storage choice record none: absolute levels, packed.
         storage = structure.get("storage")
         for name, b in bits.items():
             replace_module(model, name, WeightOnlyQuantized(
                 model.get_submodule(name), int(b), config.symmetric, config.dequantize_once,
                 storage="packed" if storage is None else storage[name], absolute_codes=storage is None))
+        derived = structure.get("derived", {})
+        if derived:
+            sites = {site.setting_key: site for site in weight_sites(model).values()}
+            for name, spec in derived.items():
+                if name not in sites:
+                    raise ArtifactError(f"weight_only_quant: quantized weight {name!r} is not a weight site of the "
+                                        "rebuilt model")
+                site = sites[name]
+                tensor = site.tensor(model)
+                derive_weight(model, site, QuantizedWeight(site, int(spec["bits"]), config.symmetric,
+                                                           config.dequantize_once, spec["storage"], tensor.dtype,
+                                                           tensor.device))
         return model
+
+
+def _ends(order: list) -> set:
+    """The first and last entries of an execution order (one entry when the model has one)."""
+    return {order[0], order[-1]} if order else set()
+
+
+def _legacy_bits(model: nn.Module, config: WeightOnlyQuantConfig, example_inputs) -> dict[str, int]:
+    """The layers and widths the first weight_only_quant artifacts held, which recorded none: every
+    plain Conv/Linear with zero padding in execution order, the ends at 8 bits when kept."""
+    order = execution_order(model, example_inputs)
+    ends = _ends(order) if config.keep_ends_8bit else set()
+    chosen = {}
+    for name in order:
+        layer = model.get_submodule(name)
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.padding_mode != "zeros":
+            continue
+        configured = setting_for(name, config.bits)
+        chosen[name] = END_BITS if name in ends else (config.default_bits if configured is None else configured)
+    return chosen
 
 
 @hookimpl

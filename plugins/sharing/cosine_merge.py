@@ -14,6 +14,26 @@ feeds a block of H*W consumer inputs.  Anything else (branches, BatchNorm, resid
 model's output layer) is noted and left alone.  The channels are then physically removed with
 Torch-Pruning, which also shrinks the consumer's inputs (flatten blocks included); the kept
 channel counts go into ``ctx.structure`` so ``restore_structure`` rebuilds the smaller shapes.
+
+Weight sites of sequence models (``core.sites``), and which of them can merge:
+
+- The feed-forward block of a torch ``nn.TransformerEncoderLayer`` with a ReLU activation
+  (``linear1 -> ReLU -> dropout -> linear2``, the torch default): its hidden neurons merge like a
+  Linear -> ReLU -> Linear chain (torch.fx treats the layer as one opaque call, so the block is
+  recognised by the layer's class); the kept width goes into ``ctx.structure["ffn"]``.  With GELU
+  it is noted: GELU is not positively homogeneous, so ``GELU(c x) != c GELU(x)`` and the merged
+  neuron would not be re-routed exactly.
+- Attention projections (packed ``in_proj_weight`` / ``c_attn``, q/k/v, and the output projection):
+  noted.  Their rows are head dimensions; merging one would give that head fewer dimensions than
+  the others, and every attention implementation needs heads of one size, which is why heads stay
+  whole (removing whole heads is structured pruning's job).
+- Embedding tables: noted.  A row is looked up by token id, not summed by a consumer, so no
+  consumer weight can absorb a merged row (sharing rows is what k-means does).
+- RNN weights: noted.  Hidden units feed back through ``weight_hh`` and sigmoid/tanh gates, which
+  are not positively homogeneous, so a merged unit cannot be re-routed.
+- Hugging Face Linear / Conv1D layers outside attention (BERT, GPT-2, Llama FFNs): merged where
+  torch.fx traces the model; the HF models torch.fx cannot trace are noted with the tracer's error,
+  since nothing else says which ops sit between a layer and its consumer.
 """
 
 from __future__ import annotations
@@ -26,6 +46,7 @@ from torch import nn
 
 from slimforge.core.errors import ArtifactError, ConfigError, MissingDependencyError
 from slimforge.core.hookspecs import hookimpl
+from slimforge.core.sites import SiteKind, weight_sites
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
 
 THRESHOLD_RANGE = (0.90, 0.999)
@@ -203,6 +224,90 @@ def _touched(group) -> set[nn.Module]:
     return {m for m in targets if isinstance(m, nn.Module) and next(m.parameters(recurse=False), None) is not None}
 
 
+_ATTENTION_ROLES = {"qkv", "q", "k", "v", "attn_out"}
+
+
+_HEADS_WHOLE = ("attention projection: its rows are head dimensions, and heads must stay whole "
+                "(merging one row would leave that head smaller than the others)")
+
+
+def attention_layers(model: nn.Module) -> set[str]:
+    """Module names of the attention projections among the model's weight sites."""
+    return {site.module for site in weight_sites(model).values()
+            if site.role in _ATTENTION_ROLES or site.kind == SiteKind.ATTENTION_IN_PROJ}
+
+
+def site_reasons(model: nn.Module, handled: set[str], untraceable: str | None) -> dict[str, str]:
+    """Why each weight site outside ``handled`` (module names fx or the FFN rule looked at) cannot be
+    merged, by module.param name (see the module docstring); ``untraceable`` is torch.fx's reason
+    when it could not trace the model."""
+    reasons = {}
+    for name, site in weight_sites(model).items():
+        if site.module in handled:
+            continue
+        if site.role in _ATTENTION_ROLES or site.kind == SiteKind.ATTENTION_IN_PROJ:
+            reasons[name] = _HEADS_WHOLE
+        elif site.kind == SiteKind.EMBEDDING:
+            reasons[name] = "Embedding rows are looked up by token id; no consumer weight can absorb a merged row"
+        elif site.kind == SiteKind.RNN:
+            reasons[name] = ("recurrent units feed back through weight_hh and sigmoid/tanh gates, which are not "
+                             "positively homogeneous: a merged unit cannot be re-routed")
+        elif site.kind == SiteKind.HF_CONV1D:
+            reasons[name] = untraceable or "Hugging Face Conv1D: only Linear/Conv chains are followed"
+    return reasons
+
+
+def encoder_ffns(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """``nn.TransformerEncoderLayer`` modules whose feed-forward block can merge (ReLU, plain Linears),
+    and the reasons the others cannot."""
+    mergeable, reasons = [], {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, nn.TransformerEncoderLayer):
+            continue
+        activation = layer.activation
+        relu = activation in (F.relu, torch.relu) or isinstance(activation, nn.ReLU)
+        plain = type(layer.linear1) is nn.Linear and type(layer.linear2) is nn.Linear
+        if relu and plain:
+            mergeable.append(name)
+        else:
+            why = ("its activation is not ReLU, so a merged neuron's output is not c times the kept one's "
+                   "(GELU(c x) != c GELU(x))" if not relu else "its linear1/linear2 are not plain Linears any more")
+            reasons[f"{name}.linear1"] = reasons[f"{name}.linear2"] = f"feed-forward block of {name!r}: {why}"
+    return mergeable, reasons
+
+
+def _shrink_ffn(layer: nn.TransformerEncoderLayer, hidden: int) -> tuple[nn.Linear, nn.Linear]:
+    """Fresh ``linear1`` / ``linear2`` with ``hidden`` neurons in place of the layer's."""
+    old1, old2 = layer.linear1, layer.linear2
+    kw = {"device": old1.weight.device, "dtype": old1.weight.dtype}
+    new1 = nn.Linear(old1.in_features, hidden, bias=old1.bias is not None, **kw)
+    new2 = nn.Linear(hidden, old2.out_features, bias=old2.bias is not None, **kw)
+    layer.linear1, layer.linear2 = new1, new2
+    return new1, new2
+
+
+def merge_ffn(layer: nn.TransformerEncoderLayer, threshold: float) -> int | None:
+    """Merge ``layer``'s near-duplicate hidden neurons (``plan_merges``) into the kept ones, re-routing
+    ``linear2``'s columns; the new hidden width, or None when nothing merged."""
+    old1, old2 = layer.linear1, layer.linear2
+    kept, merges, dead = plan_merges(old1.weight, old1.bias, threshold)
+    if not merges and not dead:
+        return None
+    with torch.no_grad():
+        columns = old2.weight.detach().clone()
+        for j, i, c in merges:
+            columns[:, i] += c * columns[:, j]
+        index = torch.tensor(kept, device=old1.weight.device)
+        new1, new2 = _shrink_ffn(layer, len(kept))
+        new1.weight.copy_(old1.weight[index])
+        if old1.bias is not None:
+            new1.bias.copy_(old1.bias[index])
+        new2.weight.copy_(columns[:, index])
+        if old2.bias is not None:
+            new2.bias.copy_(old2.bias)
+    return len(kept)
+
+
 class CosineMerge(Technique):
     name = "cosine_merge"
     family = Family.SHARING
@@ -216,8 +321,21 @@ class CosineMerge(Technique):
 
     def apply(self, model: nn.Module, config: CosineMergeConfig, ctx: TechniqueContext) -> nn.Module:
         model.eval()
+        ffns, ffn_reasons = encoder_ffns(model)
+        ffn_linears = {f"{name}.{child}" for name in ffns for child in ("linear1", "linear2")} | set(ffn_reasons)
         chains, skipped = find_chains(model)
+        untraceable = next((r for r in skipped.values() if r.startswith("the model is not traceable")), None)
+        # An encoder layer is one opaque call to torch.fx ("not called"); its FFN is handled below.
+        # An attention projection never merges, whatever fx found: its reason is the heads'.
+        attention = attention_layers(model)
+        skipped = {name: _HEADS_WHOLE if name in attention else reason for name, reason in skipped.items()
+                   if name not in ffn_linears}
+        skipped.update({c.producer: _HEADS_WHOLE for c in chains if c.producer in attention})
+        chains = [c for c in chains if c.producer not in attention and c.consumer not in attention]
         for name, reason in skipped.items():
+            ctx.note(f"cosine_merge: {name!r} skipped: {reason}")
+        handled = set(skipped) | ffn_linears | {c.producer for c in chains}
+        for name, reason in {**ffn_reasons, **site_reasons(model, handled, untraceable)}.items():
             ctx.note(f"cosine_merge: {name!r} skipped: {reason}")
         device = next(model.parameters()).device
         example_inputs = tuple(t.to(device) for t in ctx.task.example_inputs())
@@ -240,6 +358,13 @@ class CosineMerge(Technique):
             group.prune()
             kept_counts[chain.producer] = len(kept)
         ctx.structure["kept"] = kept_counts
+        hidden = {name: width for name in ffns if (width := merge_ffn(model.get_submodule(name), config.threshold))}
+        if hidden:  # absent when no FFN merged, so a CNN's header is the one written before
+            ctx.structure["ffn"] = hidden
+        candidates = len(chains) + len(ffns)
+        if candidates and not kept_counts and not hidden:  # why a mergeable model did not shrink
+            ctx.note(f"cosine_merge: no units above cosine {config.threshold:.3f} (or all-zero) in the "
+                     f"{candidates} mergeable layer(s); nothing merged")
         return model
 
     def restore_structure(self, model, config: CosineMergeConfig, example_inputs, structure) -> nn.Module:
@@ -250,6 +375,15 @@ class CosineMerge(Technique):
                 raise ArtifactError(f"cosine_merge: merged layer {name!r} is not in the rebuilt model") from None
             units = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
             _prune_group(model, producer, list(range(int(kept), units)), example_inputs).prune()
+        for name, hidden in structure.get("ffn", {}).items():
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                layer = None
+            if not isinstance(layer, nn.TransformerEncoderLayer):
+                raise ArtifactError(f"cosine_merge: merged feed-forward block {name!r} is not an "
+                                    "nn.TransformerEncoderLayer of the rebuilt model")
+            _shrink_ffn(layer, int(hidden))
         return model
 
 

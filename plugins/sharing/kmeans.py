@@ -1,12 +1,28 @@
 """K-means weight sharing (Deep Compression, Han et al. 2016, section 3).
 
-Per Conv/Linear layer, the weights are clustered into ``k = 2**bits`` scalar centroids by Lloyd's
-algorithm with *linear* initialisation (centroids evenly spaced between min and max: the paper's
-best, because it keeps the rare large weights that matter most).  The layer becomes a
-``ClusteredLayer`` that stores only the codebook (k floats, fine-tuned by recovery training), the
-cluster index (code) of every weight and the bias.  Forward decodes ``codebook[codes]`` and calls
-the layer's functional op: autograd then gives each centroid the sum of its weights' gradients, the
-paper's centroid fine-tuning rule.
+Per weight site (``core.sites``: Conv, Linear, nn.MultiheadAttention's packed ``in_proj_weight``
+and ``out_proj``, Hugging Face ``Conv1D``, Embedding tables, RNN ``weight_ih/hh``), the weights are
+clustered into ``k = 2**bits`` scalar centroids by Lloyd's algorithm with *linear* initialisation
+(centroids evenly spaced between min and max: the paper's best, because it keeps the rare large
+weights that matter most).  Convolutions default to ``conv_bits``, every other site (they are all
+fully connected maps) to ``fc_bits``; settings are keyed by ``site.setting_key``.  The site keeps
+only the codebook (k floats, fine-tuned by recovery training) and the cluster index (code) of every
+weight, in one of two forms:
+
+- a plain called ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (``plugins.common.replaceable_layer``)
+  becomes a ``ClusteredLayer`` holding codebook, codes and bias, whose forward decodes
+  ``codebook[codes]`` and calls the layer's functional op: the bytes written before sites existed,
+  so CNN and MLP artifacts are unchanged (``ctx.structure["layers"]``);
+- every other site becomes a ``ClusteredWeight`` parametrization (``core.sites.derive_weight``):
+  ``.weight`` stays readable for the parents that read it (nn.MultiheadAttention, RNNs, Conv1D),
+  the codes cover the logical ``out x in`` matrix, and tied input/output embeddings share one
+  ``ClusteredWeight``, clustered and stored once (``ctx.structure["derived"]``, absent when empty).
+
+Both decode through the same differentiable lookup while gradients are on, so autograd gives each
+centroid the sum of its weights' gradients, the paper's centroid fine-tuning rule; with gradients
+off the decoded weight is cached until the codebook changes.  A site too small for its codebook to
+save bytes is left dense with a note, and so is any parameter no site covers and any site an
+earlier step already re-expressed.
 
 Weights an earlier plan step set to zero (pruning, N:M sparsity) keep code 0, which decodes to a
 constant 0.0 outside the trainable codebook, so they stay exactly zero through fine-tuning and only
@@ -33,9 +49,10 @@ from torch import nn
 
 from slimforge.core.errors import ArtifactError, ConfigError
 from slimforge.core.hookspecs import hookimpl
+from slimforge.core.sites import DerivedWeight, SiteKind, WeightSite, derive_weight, uncovered_parameters, weight_sites
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
 from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, packed_size,
-                                      replace_module, stored_codes, weight_layers)
+                                      replace_module, replaceable_layer, stored_codes, weight_layers)
 
 # Deep Compression's LeNet/AlexNet setting: convolutions are more sensitive to sharing than fully
 # connected layers, so they default to (and search over) more bits.
@@ -59,8 +76,11 @@ class KMeansConfig:
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
             raise ConfigError(f"kmeans_clustering.iterations: must be an integer >= 1, got {self.iterations!r}")
 
-    def bits_for(self, name: str, layer: nn.Module) -> int:
-        return self.bits.get(name, self.fc_bits if isinstance(layer, nn.Linear) else self.conv_bits)
+    def bits_for(self, name: str, layer: nn.Module | WeightSite) -> int:
+        """``bits[name]``, else ``conv_bits`` for a convolution and ``fc_bits`` for every other weight
+        matrix (Linear, Conv1D, attention, Embedding, RNN): they are all fully connected maps."""
+        conv = layer.kind == SiteKind.CONV if isinstance(layer, WeightSite) else not isinstance(layer, nn.Linear)
+        return self.bits.get(name, self.conv_bits if conv else self.fc_bits)
 
 
 def linear_init(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -115,8 +135,49 @@ class _CodebookLookup(torch.autograd.Function):
         return sums.to(grad.dtype), None
 
 
-class ClusteredLayer(nn.Module):
-    """A Conv/Linear layer whose weight is ``codebook[codes]``.
+class _Codebook:
+    """Decoding shared by both forms: ``codebook`` (trainable), ``codes`` (stored) and their decoded
+    ``code_index`` in ``codes_shape``; ``_to_weight`` puts the decoded matrix in the weight's layout."""
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        codes = codes.to(torch.int64).reshape(self.codes_shape)
+        with torch.no_grad():
+            self.codes.copy_(stored_codes(codes.cpu(), self.bits, self.storage))
+            self.code_index.copy_(codes)
+        self._decoded_from = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        with torch.no_grad():
+            self.code_index.copy_(codes_from_stored(self.codes, self.bits, self.storage, self.codes_shape))
+        self._decoded_from = None
+
+    def decoded_weight(self) -> torch.Tensor:
+        if torch.is_grad_enabled():  # training: decode every time, so gradients reach the codebook
+            return self._to_weight(self._decode())
+        # Inference decodes once, as a deployed Deep Compression model does at load time: the
+        # per-call gather otherwise costs more than the layer's matmul.  The codebook is compared
+        # by value (a few hundred floats), because writes through ``.data`` or a fused optimizer
+        # leave no trace in its version counter; the codes only change in set_codes/load.
+        book = self.codebook.detach()
+        cached = self._decoded_from
+        stale = cached is None or (cached.device, cached.dtype) != (book.device, book.dtype)
+        if stale or not torch.equal(cached, book):
+            self._decoded, self._decoded_from = self._to_weight(self._decode()).contiguous(), book.clone()
+        return self._decoded
+
+    def _decode(self) -> torch.Tensor:
+        table = torch.cat([self.codebook.new_zeros(1), self.codebook]) if self.zero_code else self.codebook
+        return _CodebookLookup.apply(table, self.code_index)
+
+    def _to_weight(self, decoded: torch.Tensor) -> torch.Tensor:
+        return decoded
+
+
+class ClusteredLayer(_Codebook, nn.Module):
+    """A Conv/Linear layer whose weight is ``codebook[codes]`` (the *module* form, for plain layers
+    that are only called: their bytes are those written before weight sites existed;
+    ``ClusteredWeight`` is the form for every other site).
 
     State: ``codebook`` (trainable centroids), ``codes`` (uint8: one per weight in the weight's
     shape with ``storage="uint8"``, bit-packed and flat with ``storage="packed"``), ``bias``.  With
@@ -127,7 +188,7 @@ class ClusteredLayer(nn.Module):
         super().__init__()
         self.op = _FUNCTIONAL[type(layer)]
         self.bits, self.zero_code, self.storage = bits, zero_code, storage
-        self.weight_shape = tuple(layer.weight.shape)
+        self.weight_shape = self.codes_shape = tuple(layer.weight.shape)
         weight = layer.weight.detach()
         self.codebook = nn.Parameter(weight.new_zeros((1 << bits) - int(zero_code)))
         self.register_buffer("codes", empty_code_buffer(self.weight_shape, bits, storage, weight.device))
@@ -143,37 +204,6 @@ class ClusteredLayer(nn.Module):
             self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
             self.groups, self.padding_mode = layer.groups, layer.padding_mode
             self._reversed_padding_repeated_twice = list(layer._reversed_padding_repeated_twice)
-
-    def set_codes(self, codes: torch.Tensor) -> None:
-        codes = codes.to(torch.int64).reshape(self.weight_shape)
-        with torch.no_grad():
-            self.codes.copy_(stored_codes(codes.cpu(), self.bits, self.storage))
-            self.code_index.copy_(codes)
-        self._decoded_from = None
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        with torch.no_grad():
-            self.code_index.copy_(codes_from_stored(self.codes, self.bits, self.storage, self.weight_shape))
-        self._decoded_from = None
-
-    def decoded_weight(self) -> torch.Tensor:
-        if torch.is_grad_enabled():  # training: decode every time, so gradients reach the codebook
-            return self._decode()
-        # Inference decodes once, as a deployed Deep Compression model does at load time: the
-        # per-call gather otherwise costs more than the layer's matmul.  The codebook is compared
-        # by value (a few hundred floats), because writes through ``.data`` or a fused optimizer
-        # leave no trace in its version counter; the codes only change in set_codes/load.
-        book = self.codebook.detach()
-        cached = self._decoded_from
-        stale = cached is None or (cached.device, cached.dtype) != (book.device, book.dtype)
-        if stale or not torch.equal(cached, book):
-            self._decoded, self._decoded_from = self._decode(), book.clone()
-        return self._decoded
-
-    def _decode(self) -> torch.Tensor:
-        table = torch.cat([self.codebook.new_zeros(1), self.codebook]) if self.zero_code else self.codebook
-        return _CodebookLookup.apply(table, self.code_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.decoded_weight()
@@ -191,11 +221,55 @@ class ClusteredLayer(nn.Module):
                 f"centroids={self.codebook.numel()}{' + exact zero' if self.zero_code else ''}")
 
 
-def _worth_clustering(layer: nn.Module, bits: int) -> bool:
+class ClusteredWeight(_Codebook, DerivedWeight):
+    """A site's weight computed as ``codebook[codes]`` (the *derived* form, ``core.sites``): the
+    module keeps its class and reads ``.weight`` as before, so nn.MultiheadAttention (``out_proj``
+    and its packed ``in_proj_weight``), Hugging Face Conv1D, Embedding tables, RNN flat weights and
+    tied embeddings (one ``ClusteredWeight`` for both places, stored once) all work.  The codes
+    cover the logical ``out x in`` matrix (Conv1D's transposed storage undone).  While gradients
+    are on, every read decodes again, so recovery training fine-tunes the centroids (the RNN and
+    MultiheadAttention re-read their weights each forward); otherwise the decoded weight is cached
+    until the codebook changes.  State as ``ClusteredLayer``'s, without a bias: the module keeps its own."""
+
+    def __init__(self, site: WeightSite, bits: int, zero_code: bool, storage: str = "packed",
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.bits, self.zero_code, self.storage = bits, zero_code, storage
+        self.codes_shape = (site.out_features, site.in_features)
+        self.stored_shape, self.transposed = tuple(site.shape), site.transposed
+        self.codebook = nn.Parameter(torch.zeros((1 << bits) - int(zero_code), dtype=dtype, device=device))
+        self.register_buffer("codes", empty_code_buffer(self.codes_shape, bits, storage, device))
+        self.register_buffer("code_index", torch.zeros(self.codes_shape, dtype=torch.int64, device=device),
+                             persistent=False)
+        self._decoded = self._decoded_from = None
+
+    def _to_weight(self, decoded: torch.Tensor) -> torch.Tensor:
+        return decoded.t() if self.transposed else decoded.reshape(self.stored_shape)
+
+    def compute(self) -> torch.Tensor:
+        return self.decoded_weight()
+
+    def extra_repr(self) -> str:
+        return (f"{list(self.codes_shape)}{' transposed' if self.transposed else ''}, bits={self.bits}, "
+                f"storage={self.storage}, centroids={self.codebook.numel()}{' + exact zero' if self.zero_code else ''}")
+
+
+def _worth_clustering(numel: int, element_size: int, bits: int) -> bool:
     """Codebook + packed codes must be smaller than the dense weight, or sharing only adds bytes."""
-    weight = layer.weight
-    clustered = packed_size(weight.numel(), bits) + (1 << bits) * weight.element_size()
-    return clustered < weight.numel() * weight.element_size()
+    clustered = packed_size(numel, bits) + (1 << bits) * element_size
+    return clustered < numel * element_size
+
+
+def cluster(weight: torch.Tensor, bits: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(centroids, codes in weight's shape, zero_code)``: exact zeros keep code 0 outside the
+    codebook when there are any, the nonzeros are clustered into the other centroids."""
+    weight = weight.detach().cpu()
+    nonzero = weight != 0
+    zero_code = not bool(nonzero.all())
+    centroids, codes = kmeans_1d(weight[nonzero], (1 << bits) - int(zero_code), iterations)
+    all_codes = torch.zeros(weight.shape, dtype=torch.int64)
+    all_codes[nonzero] = codes + int(zero_code)
+    return centroids, all_codes, zero_code
 
 
 class KMeansClustering(Technique):
@@ -204,48 +278,60 @@ class KMeansClustering(Technique):
     stage = Stage.SHARING
     Config = KMeansConfig
     needs_recovery = True
-    description = ("Deep Compression weight sharing: per-layer k-means codebook (2**bits centroids); codes "
-                   "entropy-coded, pruned zeros by relative index.")
-    # Clustered layers are no longer plain Conv/Linear modules: torch.ao quantization and
-    # weight-only quantizers look for those and would either fail or dequantize the sharing away.
+    description = ("Deep Compression weight sharing on every weight site (attention, Conv1D, Embedding incl. tied, "
+                   "RNN): per-site k-means codebook (2**bits centroids); codes entropy-coded, pruned zeros by "
+                   "relative index.")
+    # Clustered weights are codebook-derived: torch.ao quantization looks for plain layers and
+    # weight-only quantizers would dequantize the sharing away.
     cannot_precede = frozenset({"int8_ptq", "int8_dynamic", "weight_only_quant"})
 
     def suggest(self, space, task) -> KMeansConfig:
         bits = {}
-        for name, layer in weight_layers(task.teacher).items():
-            low, high = FC_BITS_RANGE if isinstance(layer, nn.Linear) else CONV_BITS_RANGE
-            bits[name] = space.suggest_int(f"bits.{name}", low, high)
+        for site in weight_sites(task.teacher).values():
+            low, high = CONV_BITS_RANGE if site.kind == SiteKind.CONV else FC_BITS_RANGE
+            bits[site.setting_key] = space.suggest_int(f"bits.{site.setting_key}", low, high)
         return KMeansConfig(bits=bits)
 
     def apply(self, model: nn.Module, config: KMeansConfig, ctx: TechniqueContext) -> nn.Module:
-        layers = weight_layers(model)
-        for name in sorted(set(config.bits) - set(layers)):
-            ctx.note(f"kmeans_clustering: layer {name!r} not found among the model's Conv/Linear layers; ignored")
-        for name, module in model.named_modules():
-            if name not in layers and isinstance(getattr(module, "weight", None), nn.Parameter):
-                ctx.note(f"kmeans_clustering: {name!r} ({type(module).__name__}) is not a Conv/Linear layer; "
-                         "left dense")
-        recorded = {}
-        for name, layer in layers.items():
-            bits = config.bits_for(name, layer)
-            if not _worth_clustering(layer, bits):
-                ctx.note(f"kmeans_clustering: {name!r} has {layer.weight.numel()} weights, too few for a "
+        sites = weight_sites(model)
+        keys = {site.setting_key for site in sites.values()}
+        for name in sorted(set(config.bits) - keys):
+            ctx.note(f"kmeans_clustering: layer {name!r} not found among the model's weight sites; ignored")
+        for name, shape in uncovered_parameters(model, sites).items():
+            ctx.note(f"kmeans_clustering: {name!r} {list(shape)} is not a weight matrix of a known layer kind; "
+                     "left dense")
+        recorded, derived = {}, {}
+        for name, site in sites.items():
+            key = site.setting_key
+            if site.is_derived(model):
+                ctx.note(f"kmeans_clustering: {name!r} is already computed by an earlier step's tensors; left as is")
+                continue
+            bits = config.bits_for(key, site)
+            tensor = site.tensor(model)
+            if not _worth_clustering(site.numel, tensor.element_size(), bits):
+                ctx.note(f"kmeans_clustering: {key!r} has {site.numel} weights, too few for a "
                          f"{1 << bits}-entry codebook to save bytes; left dense")
                 continue
-            weight = layer.weight.detach().cpu()
-            nonzero = weight != 0
-            zero_code = not bool(nonzero.all())
-            centroids, codes = kmeans_1d(weight[nonzero], (1 << bits) - int(zero_code), config.iterations)
-            all_codes = torch.zeros(weight.shape, dtype=torch.int64)
-            all_codes[nonzero] = codes + int(zero_code)
-            storage = choose_code_storage(all_codes, bits)
-            clustered = ClusteredLayer(layer, bits, zero_code, storage)
+            # Plain called layers keep the replacement module (its forward handles any padding mode).
+            if replaceable_layer(model, site, padding_modes=None):
+                layer = site.owner(model)
+                centroids, codes, zero_code = cluster(layer.weight, bits, config.iterations)
+                storage = choose_code_storage(codes, bits)
+                clustered = ClusteredLayer(layer, bits, zero_code, storage)
+                replace_module(model, site.module, clustered)
+                recorded[key] = {"bits": bits, "zero_code": zero_code, "storage": storage}
+            else:
+                centroids, codes, zero_code = cluster(site.matrix(model), bits, config.iterations)
+                storage = choose_code_storage(codes, bits)
+                clustered = ClusteredWeight(site, bits, zero_code, storage, tensor.dtype, tensor.device)
+                derive_weight(model, site, clustered)
+                derived[key] = {"bits": bits, "zero_code": zero_code, "storage": storage}
             with torch.no_grad():
                 clustered.codebook.copy_(centroids.to(clustered.codebook.dtype))
-            clustered.set_codes(all_codes)
-            replace_module(model, name, clustered)
-            recorded[name] = {"bits": bits, "zero_code": zero_code, "storage": storage}
+            clustered.set_codes(codes)
         ctx.structure["layers"] = recorded
+        if derived:  # absent for a model of plain layers, so its header is the one written before sites
+            ctx.structure["derived"] = derived
         return model
 
     def restore_structure(self, model, config: KMeansConfig, example_inputs, structure) -> nn.Module:
@@ -257,6 +343,17 @@ class KMeansClustering(Technique):
             # Artifacts from before the per-layer storage choice always hold packed codes.
             replace_module(model, name, ClusteredLayer(layers[name], int(spec["bits"]), bool(spec["zero_code"]),
                                                        spec.get("storage", "packed")))
+        derived = structure.get("derived", {})
+        if derived:
+            sites = {site.setting_key: site for site in weight_sites(model).values()}
+            for name, spec in derived.items():
+                if name not in sites:
+                    raise ArtifactError(f"kmeans_clustering: clustered weight {name!r} is not a weight site of the "
+                                        "rebuilt model")
+                site = sites[name]
+                tensor = site.tensor(model)
+                derive_weight(model, site, ClusteredWeight(site, int(spec["bits"]), bool(spec["zero_code"]),
+                                                           spec["storage"], tensor.dtype, tensor.device))
         return model
 
 

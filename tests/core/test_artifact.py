@@ -1,14 +1,17 @@
 """Tests for slimforge.core.artifact: the pickle-free on-disk model format."""
 import copy
+import json
 import os
 import struct
+import zlib
 
 import pytest
 import torch
+from torch import nn
 
 from slimforge.core import artifact
 from slimforge.core.artifact import (
-    FORMAT_VERSION, MAGIC, decode_tensors, describe_artifact, encode_tensors,
+    ALIAS_VERSION, FORMAT_VERSION, MAGIC, decode_tensors, describe_artifact, encode_tensors,
     read_artifact, write_artifact,
 )
 from slimforge.core.errors import ArtifactError
@@ -239,7 +242,7 @@ def test_write_artifact_is_atomic_and_returns_size(tmp_path):
     assert size2 == os.path.getsize(path)
     assert os.listdir(tmp_path) == ["model.slim"]
     info = describe_artifact(path)
-    assert info["format_version"] == FORMAT_VERSION and info["file_bytes"] == size2
+    assert info["format_version"] == 1 and info["file_bytes"] == size2  # nothing aliased: the original format
     assert info["tensors"][0]["shape"] == [3]
 
 
@@ -291,6 +294,7 @@ def test_newer_format_version(good_file, monkeypatch):
     with pytest.raises(ArtifactError, match="upgrade slimforge"):
         describe_artifact(good_file)
     monkeypatch.setattr(artifact, "FORMAT_VERSION", 7)  # a genuinely newer writer
+    monkeypatch.setattr(artifact, "_BASE_VERSION", 7)  # whose plain files need its version too
     data = encode_tensors({"w": torch.ones(2)}, {})
     monkeypatch.undo()
     with pytest.raises(ArtifactError, match="format version 7 is newer"):
@@ -313,3 +317,74 @@ def test_meta_must_be_json(tmp_path):
     with pytest.raises(ArtifactError, match="JSON"):
         write_artifact(tmp_path / "m.slim", {}, {"obj": object()})
     assert os.listdir(tmp_path) == []
+
+
+# --- tensors several keys share (tied embeddings) are stored once --------------------------------
+
+def _tied_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"embed": nn.Embedding(50, 16), "head": nn.Linear(16, 50, bias=False)})
+    model["head"].weight = model["embed"].weight  # tied input/output embedding
+    return model
+
+
+def test_a_tensor_two_keys_share_is_stored_once_and_loads_shared():
+    model = _tied_model()
+    tied = encode_tensors(model.state_dict(), {})
+    untied = encode_tensors({k: v.clone() for k, v in model.state_dict().items()}, {})
+    assert len(tied) < 0.55 * len(untied)  # the second copy's bytes are gone
+    assert tied[8] == ALIAS_VERSION and untied[8] == 1  # an untied file is the old format, byte for byte
+    _, tensors = decode_tensors(tied)
+    assert tensors["head.weight"] is tensors["embed.weight"]
+    assert torch.equal(tensors["embed.weight"], model["embed"].weight)
+    fresh = _tied_model()
+    with torch.no_grad():
+        fresh["embed"].weight.zero_()
+    fresh.load_state_dict(tensors, strict=True)
+    assert torch.equal(fresh["head"].weight, model["embed"].weight)
+
+
+def test_only_exact_sharing_is_aliased():
+    base = torch.arange(24, dtype=torch.float32)
+    tensors = {"a": base.view(4, 6), "b": base.view(4, 6), "t": base.view(4, 6).t(), "half": base[:12],
+               "same_values": base.clone().view(4, 6), "e1": torch.empty(0), "e2": torch.empty(0)}
+    _, decoded = decode_tensors(encode_tensors(tensors, {}))
+    assert decoded["b"] is decoded["a"]
+    for name in ("t", "half", "same_values", "e1", "e2"):  # other views, equal copies, empties: apiece
+        assert decoded[name] is not decoded["a"] and torch.equal(decoded[name], tensors[name])
+
+
+def test_an_alias_describes_itself(tmp_path):
+    path = tmp_path / "tied.slim"
+    write_artifact(path, _tied_model().state_dict(), {})
+    rows = {r["name"]: r for r in describe_artifact(path)["tensors"]}
+    assert rows["head.weight"]["encoding"] == "alias of embed.weight" and rows["head.weight"]["stored_bytes"] == 0
+
+
+def test_a_version_1_reader_refuses_an_aliased_file_loudly(monkeypatch):
+    data = encode_tensors(_tied_model().state_dict(), {})
+    monkeypatch.setattr(artifact, "FORMAT_VERSION", 1)  # what an older slimforge knows
+    with pytest.raises(ArtifactError, match="format version 2 is newer than this slimforge supports.*upgrade"):
+        decode_tensors(data)
+
+
+def _rewrite_header(data: bytes, change) -> bytes:
+    """Re-encode ``data`` with ``change(header)`` applied, with valid checksums (a crafted file)."""
+    _, _, hlen, _, plen = artifact._PREFIX.unpack_from(data)
+    start = artifact._PREFIX.size
+    header = json.loads(zlib.decompress(data[start:start + hlen]))
+    change(header)
+    hbytes = zlib.compress(json.dumps(header).encode(), 9)
+    prefix = artifact._PREFIX.pack(artifact.MAGIC, header["format_version"], len(hbytes), zlib.crc32(hbytes), plen)
+    return prefix + hbytes + data[start + hlen:]
+
+
+@pytest.mark.parametrize("change", [
+    lambda h: h["tensors"][1].update({"of": "missing"}),  # names no entry
+    lambda h: h["tensors"].reverse(),  # the alias comes before the tensor it names
+    lambda h: h.update({"format_version": 1}),  # version 1 has no aliases
+])
+def test_a_broken_alias_is_corruption(change):
+    data = _rewrite_header(encode_tensors(_tied_model().state_dict(), {}), change)
+    with pytest.raises(ArtifactError, match="artifact is corrupted.*alias"):
+        decode_tensors(data)

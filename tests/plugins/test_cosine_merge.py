@@ -12,7 +12,7 @@ from slimforge.core.errors import ConfigError
 from slimforge.core.manager import Plugins
 from slimforge.core.plan import Plan, PlanStep
 from slimforge.core.technique import TechniqueContext
-from slimforge.core.testing import TINY_ARCHITECTURES, tiny_task
+from slimforge.core.testing import ALL_ARCHITECTURES, TINY_ARCHITECTURES, TechniqueConformance, tiny_task
 from slimforge.plugins.sharing.cosine_merge import CosineMerge, CosineMergeConfig, find_chains, plan_merges
 
 MERGE = CosineMerge()
@@ -120,3 +120,44 @@ def test_unsupported_chains_are_noted_and_left_alone():
 def test_config_rejects_out_of_range_threshold(threshold):
     with pytest.raises(ConfigError, match="cosine_merge.threshold"):
         CosineMergeConfig(threshold=threshold)
+
+
+def test_a_relu_encoder_layer_ffn_merges_and_round_trips(tmp_path):
+    task = tiny_task("slimforge.core.testing:tiny_transformer")
+    model = copy.deepcopy(task.teacher)
+    layer = model.encoder.layers[0]
+    _duplicate(layer.linear1, 3, 10, 1.8)  # a scaled copy of hidden neuron 3
+    x = task.split("val")[:][0][:16]
+    with torch.no_grad():
+        expected = model(x)
+    ctx = TechniqueContext(task=task)
+    config = CosineMergeConfig(threshold=0.999)
+    merged = MERGE.apply(copy.deepcopy(model), config, ctx)
+    assert ctx.structure == {"kept": {}, "ffn": {"encoder.layers.0": 63}}
+    assert merged.encoder.layers[0].linear1.out_features == merged.encoder.layers[0].linear2.in_features == 63
+    with torch.no_grad():
+        assert torch.allclose(merged(x), expected, rtol=1e-5, atol=1e-5)  # ReLU(c z) = c ReLU(z), c > 0
+    assert any("in_proj_weight' skipped: attention projection" in n for n in ctx.notes)
+    plan = Plan(steps=(PlanStep(MERGE.name, MERGE.config_to_dict(config)),), seed=0)
+    path = tmp_path / "ffn.slim"
+    save_model(merged, path, task=task, plan=plan, structure=[ctx.structure])
+    loaded = load_model(path, Plugins(load_entry_points=False).registry).model
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), merged(x))
+
+
+def test_a_gelu_encoder_layer_ffn_is_noted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, activation="gelu", batch_first=True))
+    from slimforge.plugins.sharing.cosine_merge import encoder_ffns
+
+    mergeable, reasons = encoder_ffns(model)
+    assert mergeable == [] and "GELU(c x) != c GELU(x)" in reasons["0.linear1"]
+
+
+class TestCosineMergeConformanceOnAllArchitectures(TechniqueConformance):
+    """The kit on the sequence architectures too (the kit's default is the CNN and MLP)."""
+
+    technique = "cosine_merge"
+    architectures = ALL_ARCHITECTURES
+    suggest_seeds = (0, 1)
