@@ -366,3 +366,15 @@ def test_suggest_covers_every_site_kind():
     task = tiny_task(TRANSFORMER)
     config = LowRank().suggest(scoped(FixedSuggester(seed=0), "low_rank"), task)
     assert {"encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.0.self_attn.out_proj", "embed"} <= set(config.energy)
+
+
+def test_a_trained_gru_can_be_copied():
+    """After a training forward an RNN holds U @ V products from the autograd graph; the trial
+    deep-copies models (the size estimate before recovery, finishing stages), which must work."""
+    task = tiny_task(GRU)
+    model, _ = compress(LowRank(), LowRank.Config(rank_fraction=0.25), task, recovery_steps=1)
+    model.train()
+    x, y = task.split("train")[:8]
+    nn.functional.cross_entropy(model(x), y).backward()
+    copied = copy.deepcopy(model.eval())
+    assert torch.equal(logits(copied, x), logits(model, x))
