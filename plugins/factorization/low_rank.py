@@ -180,8 +180,8 @@ class LowRankWeight(DerivedWeight):
     stored layout (a Conv1D's transpose, a conv's kernel shape).
 
     Outside training the product is cached and recomputed only when a factor changes (a new
-    tensor, or an in-place update bumping its version), so an eval-mode forward costs what the
-    dense model's does.  Where the site is tied (input and output embeddings), one
+    tensor, or an in-place update bumping its version), so an eval-mode forward does the dense
+    model's arithmetic (plus ``parametrize``'s cost per weight read; see the module docstring).  Where the site is tied (input and output embeddings), one
     ``LowRankWeight`` serves every place and is written to the state_dict once, under the first
     place (``_save_to_state_dict``); loading fills the other places from that one, since they are
     the same module."""
