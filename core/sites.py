@@ -277,7 +277,7 @@ def uncovered_parameters(model: nn.Module, sites: dict[str, WeightSite] | None =
     covered = set(sites) | {t for s in sites.values() for t in s.tied}
     uncovered = {}
     for name, p in model.named_parameters():
-        if ".parametrizations." in name or p.dim() < 2:
+        if ".parametrizations." in f".{name}" or p.dim() < 2:  # a root module's own are "parametrizations.*"
             continue
         if name not in covered:
             uncovered[name] = tuple(p.shape)
