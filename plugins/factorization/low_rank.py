@@ -181,18 +181,16 @@ class LowRankWeight(DerivedWeight):
 
     Outside training the product is cached and recomputed only when a factor changes (a new
     tensor, or an in-place update bumping its version), so an eval-mode forward does the dense
-    model's arithmetic (plus ``parametrize``'s cost per weight read; see the module docstring).  Where the site is tied (input and output embeddings), one
-    ``LowRankWeight`` serves every place and is written to the state_dict once, under the first
-    place (``_save_to_state_dict``); loading fills the other places from that one, since they are
-    the same module."""
+    model's arithmetic (plus ``parametrize``'s cost per weight read; see the module docstring).
+    Where the site is tied (input and output embeddings), one ``LowRankWeight`` serves every place
+    (``derive_weight``): the state_dict names its factors under each place, and the artifact codec
+    stores the shared tensors once (an alias entry for the others)."""
 
     def __init__(self, site: WeightSite, rank: int, *, dtype=torch.float32, device=None):
         super().__init__()
         self.U = nn.Parameter(torch.zeros(site.out_features, rank, dtype=dtype, device=device))
         self.V = nn.Parameter(torch.zeros(rank, site.in_features, dtype=dtype, device=device))
         self.site = site
-        # state_dict key prefixes (without the root's) of the places after the first one.
-        self._later_places = tuple(_factors_prefix(name) for name in site.tied)
         self._cache: torch.Tensor | None = None
         self._cache_key: tuple = ()
 
@@ -214,44 +212,6 @@ class LowRankWeight(DerivedWeight):
                 self._cache = self.product()
             self._cache_key = key
         return self._cache
-
-    def _places(self) -> tuple[str, ...]:
-        return (_factors_prefix(self.site.name), *self._later_places)
-
-    def _stored_elsewhere(self, keys, prefix: str) -> bool:
-        """Whether ``keys`` hold (or, while saving, already hold) the factors under another place
-        of this tied weight than the one at ``prefix``."""
-        places = self._places()
-        here = _matching(prefix, places)
-        if not here:
-            return False
-        root = prefix[: len(prefix) - len(here)]  # what the model sits under in the state_dict
-        return any(f"{root}{place}U" in keys for place in places if place != here)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self._later_places and self._stored_elsewhere(destination, prefix):
-            return  # a tied place: the factors are already in the state_dict under the first one
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # torch hands each module only the keys under its own prefix, so the first place cannot be
-        # looked up from here; it reports its own keys missing if they are.
-        if f"{prefix}U" not in state_dict and _matching(prefix, self._places()) in self._later_places:
-            return  # a tied place: loaded where it is stored, under the first place
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-
-
-def _factors_prefix(site_name: str) -> str:
-    """Where a parametrization's tensors sit in the state_dict, for the weight ``site_name``."""
-    module, _, param = site_name.rpartition(".")
-    return f"{module}.parametrizations.{param}.0." if module else f"parametrizations.{param}.0."
-
-
-def _matching(prefix: str, places) -> str:
-    """The place (a key prefix relative to the model) that ``prefix`` ends with; the longest one,
-    so that ``a.lm_head`` is not taken for ``lm_head``."""
-    found = [p for p in places if prefix == p or prefix.endswith("." + p)]
-    return max(found, key=len) if found else ""
 
 
 def derive_factors(model: nn.Module, site: WeightSite, factors: LowRankWeight) -> None:

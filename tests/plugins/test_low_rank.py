@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from slimforge.core.artifact import describe_artifact
 from slimforge.core.compressed import load_model, save_model
 from slimforge.core.errors import ConfigError
 from slimforge.core.manager import Plugins
@@ -230,31 +231,19 @@ def test_gpt2_projections_become_linear_pairs_and_the_tied_embedding_is_stored_o
     assert isinstance(attn.c_attn, nn.Sequential) and attn.c_attn[0].weight.shape == (8, 32)
     assert attn.c_attn[1].weight.shape == (96, 8)  # the packed q/k/v output, one matrix
     assert isinstance(model.transformer.h[0].mlp.c_fc, nn.Sequential)
-    # Tied input/output embedding: one set of factors serves both, and the state_dict has it once.
+    # Tied input/output embedding: one set of factors serves both, and the artifact stores it once.
     wte, lm_head = model.transformer.wte, model.lm_head
     assert derived_of(model, weight_sites(model)["transformer.wte.weight"]) is lm_head.parametrizations.weight[0]
     assert torch.equal(wte.weight, lm_head.weight)
-    keys = [k for k in model.state_dict() if k.endswith((".U", ".V"))]
-    assert keys == ["transformer.wte.parametrizations.weight.0.U", "transformer.wte.parametrizations.weight.0.V"]
     assert ctx.structure["derived"] == {"transformer.wte.weight": 8}
     _, _, loaded = round_trip(task, model, ctx, config, tmp_path)
+    rows = {row["name"]: row for row in describe_artifact(tmp_path / "lr.slim")["tensors"]}
+    for factor in ("U", "V"):
+        assert rows[f"lm_head.parametrizations.weight.0.{factor}"]["encoding"] == \
+            f"alias of transformer.wte.parametrizations.weight.0.{factor}"
     assert loaded.lm_head.parametrizations.weight[0] is loaded.transformer.wte.parametrizations.weight[0]
     x = task.split("val")[:][0][:8]
     assert torch.equal(logits(model, x), logits(loaded, x))
-
-
-def test_tied_factors_stored_once_also_when_the_model_is_wrapped():
-    task = tiny_task(GPT2)
-    model, _ = compress(LowRank(), LowRank.Config(rank_fraction=0.25), task, recovery_steps=0)
-    wrapper = nn.Sequential(model)
-    state = wrapper.state_dict()
-    assert [k for k in state if k.endswith(".U")] == ["0.transformer.wte.parametrizations.weight.0.U"]
-    fresh = nn.Sequential(LowRank().restore_structure(
-        task.architecture.call(), LowRank.Config(), None,
-        {"ranks": {}, "derived": {"transformer.wte.weight": 8}}))
-    fresh.load_state_dict({k: v for k, v in state.items() if "transformer.h" not in k and "ln_f" not in k
-                           and "wpe" not in k}, strict=False)
-    assert torch.equal(fresh[0].lm_head.weight, model.lm_head.weight)
 
 
 def test_a_missing_stored_factor_is_reported_not_silently_kept():
