@@ -95,18 +95,26 @@ def test_search_then_evaluate_and_pyfunc_in_fresh_processes(tiny_task, tmp_path,
     from slimforge.core.cli import main
 
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the working directory
+    # One thread, in-process and in subprocesses: on a busy 2-core machine torch's thread pool makes
+    # steps this small many times slower, and latency is timed on one thread anyway.
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request_env = {**subprocess_env, "OMP_NUM_THREADS": "1"}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        code = main(["search", "--task", TINY, "--trials", "3", "--seed", "1", "--out", str(tmp_path / "out"),
-                     "--techniques", "magnitude_pruning,nm_sparsity,knowledge_distillation", "--tracking-uri", uri,
-                     "--register-max-accuracy-drop", "50pt", "--no-progress"])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            code = main(["search", "--task", TINY, "--trials", "3", "--seed", "1", "--out", str(tmp_path / "out"),
+                         "--techniques", "magnitude_pruning,nm_sparsity,knowledge_distillation", "--tracking-uri", uri,
+                         "--register-max-accuracy-drop", "50pt", "--no-progress"])
+    finally:
+        torch.set_num_threads(previous_threads)
     assert code == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [t["state"] for t in summary["trials"]] == ["complete"] * 3, [t.get("failure_reason") for t in summary["trials"]]
     member = summary["pareto"][0]
     out = subprocess.run([*slimforge_cmd, "evaluate", member["artifact_path"], "--json"], capture_output=True,
-                         text=True, env=subprocess_env, cwd=tmp_path, timeout=300)
+                         text=True, env=request_env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
     measured = json.loads(out.stdout)
     assert measured["accuracy"] == member["test_measurements"]["accuracy"]
@@ -119,7 +127,7 @@ def test_search_then_evaluate_and_pyfunc_in_fresh_processes(tiny_task, tmp_path,
               "out = mlflow.pyfunc.load_model(sys.argv[2]).predict(x.numpy())\n"
               "print(json.dumps([list(np.asarray(out).shape), accuracy(torch.from_numpy(np.asarray(out)), y)]))\n")
     out = subprocess.run([sys.executable, "-c", script, uri, member["links"]["model_uri"]], capture_output=True,
-                         text=True, env=subprocess_env, cwd=tmp_path, timeout=300)
+                         text=True, env=request_env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
     shape, accuracy = json.loads(out.stdout.strip().splitlines()[-1])
     assert shape == [len(tiny_task.split("test")), 32, len(text_task.VOCAB)]
