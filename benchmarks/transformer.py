@@ -87,8 +87,8 @@ def table(rows: dict[str, Row], dense_bytes: int) -> str:
         row = rows.get(name)
         if row is None:
             continue
-        if not row.sizes:
-            lines.append(f"| {row.method} | failed: {row.note} |" + " |" * (len(header) - 2))
+        if not row.sizes:  # failed, or no feasible search trial: the reason instead of numbers
+            lines.append(f"| {row.method} | {row.note} |" + " |" * (len(header) - 2))
             continue
         size = statistics.mean(row.sizes)
         spread = f" ± {statistics.stdev(row.sizes):,.0f}" if len(row.sizes) > 1 else ""
@@ -154,8 +154,8 @@ def main() -> None:
             row_started = time.perf_counter()
             record = runner.run(plan, next(number))
             if record.state != COMPLETE:  # a failed trial may still have written its artifact
-                rows[name].note = record.failure_reason or record.state
-                log(f"{name} seed {seed}: FAILED: {rows[name].note}")
+                rows[name].note = f"failed: {record.failure_reason or record.state}"
+                log(f"{name} seed {seed}: {rows[name].note}")
                 break
             rows[name].add(runner, record.artifact_path)
             log(f"{name} seed {seed}: {rows[name].sizes[-1]} B, val {rows[name].val_accuracies[-1]:.4f} "
@@ -168,6 +168,8 @@ def main() -> None:
     if args.trials:
         # compression.search_rows reads these settings off ``args`` and keys its output folder.
         search_rows(args.task, task, runner, plugins, dense_bytes, list(range(args.seeds)), args, rows, details)
+        if "search" not in rows:
+            rows["search"] = Row("search", note=f"no feasible trial in {args.trials} (see below)")
         for key in ("search", "search_seeds"):
             if key in rows:
                 rows[key].method = {"search": f"search best at <= {args.max_drop} drop",
