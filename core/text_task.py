@@ -44,8 +44,9 @@ SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 WINDOWS_PER_BLOCK = 16  # a block is 16 windows + 1 character (the last target)
 
 PRESETS = {
-    # ~0.82M parameters (3.3 MB as fp32).  Sized so the teacher trains in a few minutes on two CPU
-    # cores and one recovery epoch of a trial costs about a minute.
+    # 826K parameters (3.3 MB as fp32).  Sized so the teacher trains in a few minutes on two idle
+    # CPU cores (measured: 0.30 s per step of 64 windows, 546 steps) and one recovery epoch of a
+    # trial (91 steps) costs about half a minute there.
     "text-chargpt": {
         "model": {"vocab_size": len(VOCAB), "block_size": 64, "d_model": 128, "n_layer": 4, "n_head": 4,
                   "d_ff": 512, "dropout": 0.0},
@@ -93,7 +94,7 @@ class CharGPT(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        # GPT-2's initialisation (normal, std 0.02); torch's defaults train this stack more slowly.
+        # GPT-2's initialisation (normal, std 0.02), as GPT-2 implementations use for this shape.
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if getattr(module, "bias", None) is not None:
