@@ -19,6 +19,8 @@ examples:
   slimforge search --trials 12 --max-size 150KB --out out/
   slimforge search --max-size 60KB --max-latency 0.5 --max-accuracy-drop 1pt
   slimforge search --config examples/user_task.toml  # your own model, data and metric
+  slimforge search --task text-chargpt --trials 20   # embedded character GPT (next-token accuracy)
+  slimforge search --config examples/hf_task.toml    # a Hugging Face save_pretrained folder
   slimforge search --study NAME --trials 30          # resume study NAME up to 30 trials
   slimforge search --backend ray --cpus-per-trial 2  # trials as Ray Tune trials (pip install 'slimforge[ray]')
   slimforge worker --storage postgresql://host/db --study NAME   # join search NAME from another host
@@ -84,15 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
                                         "saved artifact. Prints the Pareto table; writes OUT/summary.json.")
     task = search.add_argument_group("task")
     task.add_argument("--task", default=None, help="built-in task: mnist-lenet5 (default, offline), mnist-lenet300, "
+                                                   "text-chargpt (a character GPT on Python's own docs, offline; "
+                                                   "text-chargpt-tiny: its smoke-test size), "
                                                    "or torchvision:MODEL:DATASET (resnet18|mobilenet_v3_small, "
                                                    "mnist|fashionmnist|cifar10|fakedata)")
-    task.add_argument("--config", type=Path, help="TOML file with [task] (module:function factories), "
+    task.add_argument("--config", type=Path, help="TOML file with [task] (module:function factories, or hf_model + "
+                                                  "hf_class for a Hugging Face save_pretrained folder), "
                                                   "[budgets] and [search] tables; flags override it")
     task.add_argument("--data-dir", help="torchvision presets: folder holding the dataset (default ./data)")
     task.add_argument("--download", action="store_true", default=None,
                       help="torchvision presets: download the dataset if missing (needs network)")
     task.add_argument("--teacher-epochs", type=int, help="torchvision presets: epochs to train the teacher on first use")
-    task.add_argument("--cache-dir", help="where the embedded task caches its trained teacher "
+    task.add_argument("--cache-dir", help="where the embedded tasks cache their trained teachers "
                                           "(default: $SLIMFORGE_CACHE_DIR or ~/.cache/slimforge)")
     budgets = search.add_argument_group("budgets (hard constraints the sampler sees)")
     budgets.add_argument("--max-size", help="artifact size limit: bytes or with a unit, e.g. 150KB, 1.5MB, 60KiB")

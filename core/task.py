@@ -137,9 +137,10 @@ class Task:
 # --- loading ------------------------------------------------------------------------------------
 
 def builtin_tasks() -> dict[str, Callable[..., Task]]:
-    from slimforge.core import embedded
+    from slimforge.core import embedded, text_task
 
-    return {"mnist-lenet5": embedded.mnist_lenet5_task, "mnist-lenet300": embedded.mnist_lenet300_task}
+    return {"mnist-lenet5": embedded.mnist_lenet5_task, "mnist-lenet300": embedded.mnist_lenet300_task,
+            "text-chargpt": text_task.text_chargpt_task, "text-chargpt-tiny": text_task.text_chargpt_tiny_task}
 
 
 def load_task(spec: str | Path | None = None, **builtin_kwargs: Any) -> Task:
@@ -180,13 +181,16 @@ def task_from_config(path: Path) -> Task:
     return task_from_table(section, base_dir=path.resolve().parent, origin=str(path))
 
 
-def task_from_table(section: dict[str, Any], base_dir: Path, origin: str) -> Task:
+def task_from_table(section: dict[str, Any], base_dir: Path, origin: str,
+                    hf_config: dict[str, Any] | None = None) -> Task:
+    """``hf_config``: the Hugging Face config a task source recorded (``core.hf``), if any."""
     allowed = {"name", "model", "model_kwargs", "architecture", "architecture_kwargs", "data", "data_kwargs",
-               "metric", "metric_name", "python_path"}
+               "metric", "metric_name", "python_path", "hf_model", "hf_class"}
     for key in section:
         if key not in allowed:
             raise UnknownNameError("[task] key", key, allowed)
-    for key in ("model", "data"):
+    hf = "hf_model" in section or "hf_class" in section
+    for key in ("data",) if hf else ("model", "data"):
         if not isinstance(section.get(key), str):
             raise ConfigError(f"[task] {key}: required, a 'module:function' string")
     for key in ("architecture", "metric", "name", "metric_name"):
@@ -202,9 +206,15 @@ def task_from_table(section: dict[str, Any], base_dir: Path, origin: str) -> Tas
     for entry in [base_dir, *(base_dir / p for p in section.get("python_path", []))]:
         if str(entry) not in sys.path:
             sys.path.insert(0, str(entry))
-    model_ref = FactoryRef(section["model"], dict(section.get("model_kwargs", {})))
-    architecture_ref = (FactoryRef(section["architecture"], dict(section.get("architecture_kwargs", {})))
-                        if "architecture" in section else model_ref)
+    source: dict[str, Any] = {"config": {k: v for k, v in section.items()}, "base_dir": str(base_dir)}
+    if hf:  # a save_pretrained folder: core.hf builds both references (and records the HF config)
+        from slimforge.core import hf as hf_support
+
+        model_ref, architecture_ref, source["hf_config"] = hf_support.model_refs(section, base_dir, hf_config)
+    else:
+        model_ref = FactoryRef(section["model"], dict(section.get("model_kwargs", {})))
+        architecture_ref = (FactoryRef(section["architecture"], dict(section.get("architecture_kwargs", {})))
+                            if "architecture" in section else model_ref)
     data_ref = FactoryRef(section["data"], dict(section.get("data_kwargs", {})))
     splits = data_ref.call("[task] data")
     if not isinstance(splits, dict):
@@ -220,7 +230,7 @@ def task_from_table(section: dict[str, Any], base_dir: Path, origin: str) -> Tas
         splits=splits,
         metric=metric,
         metric_name=metric_name,
-        source={"config": {k: v for k, v in section.items()}, "base_dir": str(base_dir)},
+        source=source,
     )
 
 
@@ -253,5 +263,6 @@ def task_from_source(source: dict[str, Any]) -> Task:
     if "builtin" in source:
         return load_task(source["builtin"], **source.get("kwargs", {}))
     if "config" in source:
-        return task_from_table(source["config"], Path(source["base_dir"]), origin=source["config"].get("name", "task"))
+        return task_from_table(source["config"], Path(source["base_dir"]), origin=source["config"].get("name", "task"),
+                               hf_config=source.get("hf_config"))
     raise TaskError("artifact does not record how to rebuild its task; pass the task explicitly")

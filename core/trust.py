@@ -41,8 +41,9 @@ BUILTIN_ARCHITECTURES = frozenset({
     "slimforge.core.embedded:lenet5",
     "slimforge.core.embedded:lenet300",
     "slimforge.core.presets:preset_model",
+    "slimforge.core.text_task:char_gpt",
 })
-BUILTIN_TASKS = frozenset({"mnist-lenet5", "mnist-lenet300", "torchvision"})
+BUILTIN_TASKS = frozenset({"mnist-lenet5", "mnist-lenet300", "torchvision", "text-chargpt", "text-chargpt-tiny"})
 STORE_NAME = "trusted-tasks"
 _CONFIG_FACTORIES = ("model", "architecture", "data", "metric")
 _remembered: set[str] = set()

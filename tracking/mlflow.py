@@ -162,14 +162,20 @@ def study_id(study: str, storage: str | None) -> str:
     return hashlib.sha256(f"{storage or ''}\n{study}".encode()).hexdigest()[:20]
 
 
+# Example inputs keep their dtype: token ids (int64) are not float32 images.  Journals written
+# before the dtype was recorded hold float32 arrays.
+_JSON_DTYPES = ("float32", "int64")
+
+
 def _array(data: dict):
     import numpy as np
 
-    return np.asarray(data["data"], dtype=np.float32).reshape(data["shape"])
+    dtype = data.get("dtype", "float32")
+    return np.asarray(data["data"], dtype=dtype if dtype in _JSON_DTYPES else "float32").reshape(data["shape"])
 
 
 def _as_json(array) -> dict:
-    return {"shape": list(array.shape), "data": array.ravel().tolist()}
+    return {"shape": list(array.shape), "dtype": str(array.dtype), "data": array.ravel().tolist()}
 
 
 def _quoted(value: str) -> str | None:
@@ -521,7 +527,10 @@ class MlflowTracker:
         from slimforge.core.manager import Plugins
 
         started = time.perf_counter()
-        example = self._task.example_inputs(2)[0].numpy().astype(np.float32)
+        from slimforge.core.outputs import logits_of
+
+        example = self._task.example_inputs(2)[0]
+        example = example.numpy().astype(np.int64 if not example.is_floating_point() else np.float32)
         registered = [member for member in result.pareto if member.not_registered is None]
         registrations, registry = {}, Plugins().registry if registered else None
         for member in registered:
@@ -529,7 +538,7 @@ class MlflowTracker:
             # the search's own task, so a replay needs neither the task nor its factories.
             loaded = load_model(member.artifact_path, registry, task=self._task)
             with torch.inference_mode():
-                output = loaded.model(torch.from_numpy(example)).float().numpy()
+                output = logits_of(loaded.model(torch.from_numpy(example))).float().numpy()
             op = self._op("register", trial=trial_payload(member), registered_model=self.registered_model,
                           artifact_path=str(Path(member.artifact_path).resolve()),
                           trial_run_id=member.links.get("mlflow_run_id"),
