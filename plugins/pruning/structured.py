@@ -1,29 +1,51 @@
-"""Structured pruning: remove whole output channels / neurons, so the network gets smaller and faster.
+"""Structured pruning: remove whole output channels / neurons / attention heads, so the network gets
+smaller and faster.
 
-Every Conv/Linear except the output layer (the last one registered, as in parameter_distillation)
-keeps ``round(C * (1 - channel_sparsity))`` of its ``C`` output channels (at least one), chosen by
-a searched criterion:
+What it acts on (``core.sites``):
 
-- ``magnitude``: L1 norm of the channel's weights (``tp.importance.MagnitudeImportance(p=1)``);
-- ``taylor``: sum over the channel of mean_b |w * g_b| (``tp.importance.TaylorImportance``);
-- ``fisher``: sum of w^2 * E[g^2] over the channel, OBD with the empirical Fisher diagonal
-  (``tp.importance.HessianImportance``).
+- CNNs and MLPs: every Conv/Linear except the output layer (the last one registered, as in
+  parameter_distillation) keeps ``round(C * (1 - channel_sparsity))`` of its ``C`` output channels
+  (at least one).  Torch-Pruning's ``BasePruner`` couples each channel with the input slices of
+  the layers that consume it (through pooling, flatten, batch norm, residual adds) and scores it
+  on the whole group; the counts are handed to it per layer (``pruning_ratio_dict``): its own
+  ``int(C * (1 - ratio))`` truncates float noise (C=20, ratio 0.8 keeps 3, not 4) and silently
+  skips a layer whose count would reach zero.
+- Transformers (a model with attention sites or Hugging Face ``Conv1D``), the standard structured
+  units, with the same ``channel_sparsity``:
+  - **attention heads**, removed whole (``plugins.pruning.heads``): ``round(H * (1 - s))`` of a
+    layer's ``H`` query heads kept, with their key/value rows and output-projection columns, in
+    ``nn.MultiheadAttention``, separate q/k/v (BERT, Llama) and GPT-2's packed transposed
+    ``c_attn``.  Grouped-query attention keeps every key/value head (each is shared by a group of
+    query heads) and every group keeps the same number of query heads, as Torch-Pruning does;
+  - **FFN channels** (intermediate width: BERT ``intermediate.dense``, GPT-2 ``mlp.c_fc``, Llama
+    ``gate_proj`` + ``up_proj`` coupled through the gate, ``linear1``) and other hidden layers
+    whose group stays among plain layers (a pooler), through Torch-Pruning's dependency graph
+    traced on the logits (``core.outputs.logits_of``; Hugging Face models without their KV cache)
+    with a pruner for transformers' ``Conv1D``.
+  The **hidden width** is kept: a group that reaches an embedding, a LayerNorm / RMSNorm, a bare
+  parameter or an attention projection is the residual stream, and resizing it would touch every
+  norm and the embeddings; embeddings and position embeddings are never resized, and a bare learned
+  position tensor (``uncovered_parameters``) is kept out of the graph.  Each is a note.
+- RNN (GRU/LSTM) hidden units are not pruned, with a note: Torch-Pruning 1.6.1 has no GRU/RNN
+  pruner and its LSTM pruner is single-layer and slices ``weight_hh`` along the wrong dimension.
 
-Torch-Pruning's dependency graph couples each channel with the input slices of the layers that
-consume it (through pooling, flatten, batch norm, residual adds) and scores the channel on the
-whole group.  The gradients for ``taylor`` / ``fisher`` are the ones unstructured pruning uses
-(``plugins.pruning.importance.gradient_statistics``: ``batches`` seeded training batches of 64),
-written into ``.grad`` before ``pruner.step()`` and cleared after: mean_b |g_b| for taylor (so
-Torch-Pruning's |w * grad| is the per-batch-averaged Taylor score), mean_b g_b^2 for fisher.
-We accumulate the squared gradients ourselves rather than through
-``HessianImportance.accumulate_grad``: in torch-pruning 1.6.1 that method tests ``name in`` a
-dict keyed by parameter, so every call overwrites the sum and only the last gradient counts.
+Criteria (searched): ``magnitude``, L1 norm of the channel's / head's weights
+(``tp.importance.MagnitudeImportance(p=1)``); ``taylor``, sum of mean_b |w * g_b|
+(``tp.importance.TaylorImportance``); ``fisher``, sum of w^2 * E[g^2], OBD with the empirical Fisher
+diagonal (``tp.importance.HessianImportance``).  Heads and transformer groups sum the same element
+scores over their group (``_group_importance``), since Torch-Pruning's importances skip ``Conv1D``.
+The gradients are the ones unstructured pruning uses (``plugins.pruning.importance.gradient_statistics``:
+``batches`` seeded training batches of 64), written into ``.grad`` before ``pruner.step()`` and
+cleared after: mean_b |g_b| for taylor (so Torch-Pruning's |w * grad| is the per-batch-averaged
+Taylor score), mean_b g_b^2 for fisher.  We accumulate the squared gradients ourselves rather than
+through ``HessianImportance.accumulate_grad``: in torch-pruning 1.6.1 that method tests ``name in``
+a dict keyed by parameter, so every call overwrites the sum and only the last gradient counts.
 
-The channel counts kept are computed here and handed to Torch-Pruning per layer
-(``pruning_ratio_dict``): its own ``int(C * (1 - ratio))`` truncates float noise (C=20, ratio
-0.8 keeps 3, not 4) and silently skips a layer whose count would reach zero.  The resulting layer
-shapes go into ``ctx.structure`` and ``restore_structure`` rebuilds them with
-``plugins.common.resize_layers``.
+``ctx.structure`` records the layer shapes (``plugins.common.layer_shapes``, HF ``Conv1D``
+included) and, when heads were removed, ``heads``: ``{attention module: [query heads, key/value
+heads]}``.  ``restore_structure`` rebuilds the heads first (slicing the attention projections
+and updating the module's head counts), then the shapes (``resize_layers``).  Artifacts written
+before head pruning existed record shapes only and still load.
 """
 
 from __future__ import annotations
