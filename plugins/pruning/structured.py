@@ -160,8 +160,12 @@ def _group_importance(graph, group, element_score) -> torch.Tensor | None:
 def _forward(model: nn.Module, example: tuple) -> torch.Tensor:
     """What Torch-Pruning traces: the logits of a forward pass.  Hugging Face models run without
     their key/value cache, whose concatenations are not channels of the model."""
-    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
-    return logits_of(model(*example, use_cache=False) if use_cache is not None else model(*example))
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        try:
+            return logits_of(model(*example, use_cache=False))
+        except TypeError:  # a model with that config field whose forward takes no use_cache
+            pass
+    return logits_of(model(*example))
 
 
 class _HFConv1DPruner:
@@ -322,7 +326,7 @@ def _prune_transformer_channels(tp, model, sites, candidates, example, attention
         if reaches:
             hidden[name] = reaches
             continue
-        if channels < _out_channels_at_start(name, sites):
+        if channels < (_out_channels_at_start(name, sites) or channels):
             continue  # already pruned with an earlier layer of its group (Llama's gate_proj / up_proj)
         kept = kept_channels(channels, config.channel_sparsity)
         scores = _group_importance(graph, group, element_score)
@@ -332,9 +336,9 @@ def _prune_transformer_channels(tp, model, sites, candidates, example, attention
     return hidden
 
 
-def _out_channels_at_start(name: str, sites: dict) -> int:
-    site = sites[f"{name}.weight"]
-    return site.out_features
+def _out_channels_at_start(name: str, sites: dict) -> int | None:
+    site = sites.get(f"{name}.weight")  # None: a layer holding a weight tied to an earlier site
+    return site.out_features if site is not None else None
 
 
 def _non_rebuildable(tp, group, layer, names: dict, params: dict, attention: set) -> set[str]:

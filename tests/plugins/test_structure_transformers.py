@@ -194,3 +194,29 @@ def test_student_suggests_depth_only_where_blocks_exist():
     depths = {ParameterDistillation().suggest(scoped(FixedSuggester(seed=s), "parameter_distillation"), bert).depth
               for s in range(16)}
     assert depths <= {0.25, 0.5, 0.75, 1.0} and len(depths) > 1
+
+
+@pytest.mark.parametrize("architecture", ["tiny_bert", "tiny_transformer", "tiny_llama"])
+def test_structured_pruning_after_a_shallower_student_restores_both(architecture, tmp_path):
+    task = tiny_task(ARCH + architecture)
+    student_config = ParameterDistillationConfig(width=0.75, depth=0.5)
+    prune_config = StructuredPruningConfig(channel_sparsity=0.5, criterion="taylor")
+    student_ctx, prune_ctx = TechniqueContext(task=task), TechniqueContext(task=task)
+    model = ParameterDistillation().apply(copy.deepcopy(task.teacher), student_config, student_ctx)
+    model = StructuredPruning().apply(model, prune_config, prune_ctx).eval()
+    _round_trip(task, model, [(ParameterDistillation(), student_config), (StructuredPruning(), prune_config)],
+                [student_ctx.structure, prune_ctx.structure], tmp_path / "sp.slim")
+
+
+def test_pruned_sites_describe_the_new_head_structure():
+    from slimforge.core.sites import weight_sites
+
+    _, model, _ = _prune("tiny_transformer")
+    sites = weight_sites(model)
+    in_proj = sites["encoder.layers.0.self_attn.in_proj_weight"]
+    assert in_proj.shape == (48, 32) and in_proj.row_blocks == (16, 16, 16) and in_proj.row_heads == (2, 2, 2)
+    assert sites["encoder.layers.0.self_attn.out_proj.weight"].col_heads == 2
+    _, llama, _ = _prune("tiny_llama")
+    sites = weight_sites(llama)
+    assert sites["model.layers.0.self_attn.q_proj.weight"].row_heads == (2,)
+    assert sites["model.layers.0.self_attn.k_proj.weight"].row_heads == (2,)
