@@ -77,7 +77,7 @@ def test_bert_heads_are_removed_whole_and_ffn_narrowed(tmp_path):
     assert model.bert.embeddings.position_embeddings.weight.shape == (16, 32)
     assert attn.output.dense.weight.shape[0] == 32
     assert ctx.structure["heads"]["bert.encoder.layer.0.attention.self"] == [2, 2]
-    size, loaded = _round_trip(task, model, [(StructuredPruning(), StructuredPruningConfig(channel_sparsity=0.5))],
+    _, loaded = _round_trip(task, model, [(StructuredPruning(), StructuredPruningConfig(channel_sparsity=0.5))],
                                [ctx.structure], tmp_path / "b.slim")
     assert loaded.bert.encoder.layer[1].attention.self.num_attention_heads == 2
 
@@ -155,7 +155,7 @@ def test_the_weakest_head_goes_first():
 
 
 def test_gru_hidden_units_are_noted_not_pruned():
-    task, model, ctx = _prune("tiny_gru")
+    _, model, ctx = _prune("tiny_gru")
     assert model.rnn.weight_hh_l0.shape == (96, 32)
     assert any("RNN hidden units of 'rnn' not pruned structurally" in n for n in ctx.notes)
 
