@@ -178,7 +178,8 @@ def _attribute(module: nn.Module, names) -> int | None:
 def _annotations(model: nn.Module) -> dict[str, dict]:
     """Role and head structure for weights whose parent attention module says what they are."""
     notes: dict[str, dict] = {}
-    for prefix, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for prefix, module in modules.items():
         dot = f"{prefix}." if prefix else ""
         if isinstance(module, nn.MultiheadAttention):
             heads, embed = module.num_heads, module.embed_dim
@@ -200,6 +201,12 @@ def _annotations(model: nn.Module) -> dict[str, dict]:
                     notes[f"{dot}{name}.weight"] = dict(role=role, row_heads=(n,))
                 if out and out in children:
                     notes[f"{dot}{out}.weight"] = dict(role="attn_out", col_heads=heads)
+                elif out is None and prefix:
+                    # BERT-style: ``attention.self`` holds q/k/v, its sibling ``attention.output.dense``
+                    # projects the heads back.
+                    sibling = f"{prefix.rpartition('.')[0]}.output.dense".lstrip(".")
+                    if isinstance(modules.get(sibling), nn.Linear):
+                        notes[f"{sibling}.weight"] = dict(role="attn_out", col_heads=heads)
         if "c_attn" in children and _is_hf_conv1d(children["c_attn"]):  # GPT-2: packed q/k/v, transposed
             embed = children["c_attn"].nf // 3
             notes[f"{dot}c_attn.weight"] = dict(role="qkv", row_blocks=(embed, embed, embed), row_heads=(heads,) * 3)
