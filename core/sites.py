@@ -147,7 +147,9 @@ _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 _KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D`` (GPT-2's projections: ``x @ W + b``, W
+    stored (in, out)), recognised without importing transformers."""
     # The class before parametrization: a derived Conv1D's class is torch's generated subclass.
     cls = parametrize.type_before_parametrizations(module)
     return cls.__name__ == "Conv1D" and hasattr(module, "nf") and cls.__module__.startswith("transformers")
@@ -160,7 +162,7 @@ def _kind_of(module: nn.Module) -> str | None:
         return SiteKind.CONV
     if isinstance(module, nn.Embedding):
         return SiteKind.EMBEDDING
-    if _is_hf_conv1d(module):
+    if is_hf_conv1d(module):
         return SiteKind.HF_CONV1D
     return None
 
@@ -207,7 +209,7 @@ def _annotations(model: nn.Module) -> dict[str, dict]:
                     sibling = f"{prefix.rpartition('.')[0]}.output.dense".lstrip(".")
                     if isinstance(modules.get(sibling), nn.Linear):
                         notes[f"{sibling}.weight"] = dict(role="attn_out", col_heads=heads)
-        if "c_attn" in children and _is_hf_conv1d(children["c_attn"]):  # GPT-2: packed q/k/v, transposed
+        if "c_attn" in children and is_hf_conv1d(children["c_attn"]):  # GPT-2: packed q/k/v, transposed
             embed = children["c_attn"].nf // 3
             notes[f"{dot}c_attn.weight"] = dict(role="qkv", row_blocks=(embed, embed, embed), row_heads=(heads,) * 3)
             if "c_proj" in children:

@@ -10,7 +10,7 @@ from torch import nn
 
 from slimforge.core.artifact import encode_tensors
 from slimforge.core.errors import ArtifactError, PluginError
-from slimforge.core.sites import WeightSite, _is_hf_conv1d, from_matrix, uncovered_parameters, weight_sites
+from slimforge.core.sites import WeightSite, is_hf_conv1d, from_matrix, uncovered_parameters, weight_sites
 from slimforge.core.technique import Technique, TechniqueContext
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -390,7 +390,7 @@ def layer_shapes(model: nn.Module) -> dict[str, list[int] | dict]:
     convolutions (e.g. depthwise) also record their group count, which pruning changes."""
     shapes: dict[str, list[int] | dict] = {}
     for name, m in model.named_modules():
-        if (type(m) in RESIZABLE or _is_hf_conv1d(m)) and getattr(m, "weight", None) is not None:
+        if (type(m) in RESIZABLE or is_hf_conv1d(m)) and getattr(m, "weight", None) is not None:
             groups = getattr(m, "groups", 1)
             shapes[name] = list(m.weight.shape) if groups == 1 else {"weight": list(m.weight.shape), "groups": groups}
     return shapes
@@ -406,7 +406,7 @@ def resize_layers(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
         if list(old.weight.shape) == list(shape) and getattr(old, "groups", 1) == groups:
             continue
         has_bias = getattr(old, "bias", None) is not None
-        if _is_hf_conv1d(old):  # stored (in, out); transformers' Conv1D(nf, nx) always has a bias
+        if is_hf_conv1d(old):  # stored (in, out); transformers' Conv1D(nf, nx) always has a bias
             new = type(old)(shape[1], shape[0])
         elif isinstance(old, nn.Linear):
             new = nn.Linear(shape[1], shape[0], bias=has_bias)

@@ -72,6 +72,7 @@ from slimforge.core.sites import (
     WeightSite,
     derive_weight,
     from_matrix,
+    is_hf_conv1d,
     uncovered_parameters,
     weight_sites,
 )
@@ -122,10 +123,6 @@ def saves_parameters(layer: nn.Module, rank: int) -> bool:
     return rank * (in_dim + out_dim) < in_dim * out_dim
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and type(module).__module__.startswith("transformers")
-
-
 def factorized_like(layer: nn.Module, rank: int) -> nn.Sequential:
     """The two-factor module replacing ``layer`` (Linear, Conv, HF Conv1D or Embedding) at
     ``rank``, with fresh weights of the same dtype/device."""
@@ -135,8 +132,8 @@ def factorized_like(layer: nn.Module, rank: int) -> nn.Sequential:
                              scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse, **kwargs)
         return nn.Sequential(first, nn.Linear(rank, layer.embedding_dim, bias=False, **kwargs))
     has_bias = layer.bias is not None
-    if isinstance(layer, nn.Linear) or _is_hf_conv1d(layer):
-        out_dim, in_dim = (layer.weight.shape[1], layer.weight.shape[0]) if _is_hf_conv1d(layer) else layer.weight.shape
+    if isinstance(layer, nn.Linear) or is_hf_conv1d(layer):
+        out_dim, in_dim = (layer.weight.shape[1], layer.weight.shape[0]) if is_hf_conv1d(layer) else layer.weight.shape
         return nn.Sequential(nn.Linear(in_dim, rank, bias=False, **kwargs), nn.Linear(rank, out_dim, bias=has_bias, **kwargs))
     conv = type(layer)
     first = conv(layer.in_channels, rank, layer.kernel_size, stride=layer.stride, padding=layer.padding,
@@ -157,7 +154,7 @@ def factorize(layer: nn.Module, rank: int, svd=None) -> nn.Sequential:
     ``svd`` reuses a precomputed ``torch.linalg.svd`` of its logical matrix in float64 (for a
     Conv1D the transpose of its stored weight, for an Embedding its table)."""
     weight = layer.weight.detach()
-    matrix = weight.t() if _is_hf_conv1d(layer) else weight.reshape(weight.shape[0], -1)
+    matrix = weight.t() if is_hf_conv1d(layer) else weight.reshape(weight.shape[0], -1)
     left, right = svd_factors(matrix, rank, svd)
     new = factorized_like(layer, rank)
     first, second = new[0], new[1]

@@ -60,7 +60,7 @@ from slimforge.core.errors import ConfigError, MissingDependencyError, PluginErr
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
 from slimforge.core.outputs import logits_of
-from slimforge.core.sites import SiteKind, _is_hf_conv1d, uncovered_parameters, weight_sites
+from slimforge.core.sites import SiteKind, is_hf_conv1d, uncovered_parameters, weight_sites
 from slimforge.plugins.common import RESIZABLE, layer_shapes, resize_layers
 from slimforge.plugins.pruning.heads import attention_units, choose_heads, head_scores, prune_heads
 from slimforge.plugins.pruning.importance import (CRITERIA, DEFAULT_BATCHES, fisher_score, gradient_statistics,
@@ -138,13 +138,13 @@ def _group_importance(graph, group, element_score) -> torch.Tensor | None:
     total = None
     for i, (dep, idxs) in enumerate(group):
         layer, root_idxs = dep.layer, group[i].root_idxs
-        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not _is_hf_conv1d(layer):
+        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not is_hf_conv1d(layer):
             continue
         if any(r is None for r in root_idxs):
             continue
         weight = layer.weight
         scores = element_score(weight)
-        matrix = scores.t() if _is_hf_conv1d(layer) else scores.reshape(scores.shape[0], -1)
+        matrix = scores.t() if is_hf_conv1d(layer) else scores.reshape(scores.shape[0], -1)
         if graph.is_out_channel_pruning_fn(dep.pruning_fn):
             local = matrix[idxs].sum(dim=1)
         elif graph.is_in_channel_pruning_fn(dep.pruning_fn):
@@ -207,7 +207,7 @@ def _check_resizable(before: dict, model: nn.Module) -> None:
     for key, tensor in model.state_dict().items():
         if key in before and tuple(tensor.shape) != before[key]:
             owner = modules[key.rpartition(".")[0]]
-            if type(owner) not in RESIZABLE and not _is_hf_conv1d(owner):
+            if type(owner) not in RESIZABLE and not is_hf_conv1d(owner):
                 raise PluginError(f"structured_pruning: Torch-Pruning resized {key!r} of a "
                                   f"{type(owner).__name__}, which the artifact cannot rebuild")
 
@@ -242,7 +242,7 @@ def prune_channels(model: nn.Module, config: StructuredPruningConfig, ctx: Techn
                 warnings.simplefilter("ignore")  # Torch-Pruning warns about unwrapped params it skips
                 device = next(model.parameters()).device
                 example = tuple(x.to(device) for x in ctx.task.example_inputs())
-                if attention or any(_is_hf_conv1d(m) for m in layers.values()):
+                if attention or any(is_hf_conv1d(m) for m in layers.values()):
                     hidden = _prune_transformer_channels(tp, model, sites, candidates, example, attention, config, stats)
                 else:
                     _prune_with_base_pruner(tp, model, candidates, output, example, config, stats)
@@ -255,7 +255,7 @@ def prune_channels(model: nn.Module, config: StructuredPruningConfig, ctx: Techn
                      f"shared with {', '.join(kinds)} (attention heads and FFN channels are pruned instead)")
         _check_resizable(before, model)
         for name, layer in layers.items():
-            channels = before[f"{name}.weight"][1 if _is_hf_conv1d(layer) else 0]
+            channels = before[f"{name}.weight"][1 if is_hf_conv1d(layer) else 0]
             unpruned = _out_channels(layer) == channels > kept_channels(channels, config.channel_sparsity)
             if name in candidates and name not in hidden and unpruned:
                 ctx.note(f"{owner}: Torch-Pruning left {name!r} whole "
@@ -277,7 +277,7 @@ def _layers(model: nn.Module, sites: dict) -> dict[str, nn.Module]:
     wanted = {s.module for s in sites.values() if s.kind in kinds and s.param == "weight"}
     wanted |= {t.rpartition(".")[0] for s in sites.values() for t in s.tied if t.endswith(".weight")}
     return {name: m for name, m in model.named_modules()
-            if name in wanted and (isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_hf_conv1d(m))}
+            if name in wanted and (isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_hf_conv1d(m))}
 
 
 def _prune_with_base_pruner(tp, model, candidates, output, example, config, stats) -> None:
@@ -304,7 +304,7 @@ def _prune_transformer_channels(tp, model, sites, candidates, example, attention
     Through Torch-Pruning's dependency graph directly (``get_pruning_group`` + ``group.prune()``):
     its BasePruner cannot give transformers' Conv1D a ratio (``ops.type2class`` maps a customized
     layer type to an element-wise op) and its importances skip Conv1D."""
-    conv1d = {type(m) for m in candidates.values() if _is_hf_conv1d(m)} | {
+    conv1d = {type(m) for m in candidates.values() if is_hf_conv1d(m)} | {
         type(s.owner(model)) for s in sites.values() if s.kind == SiteKind.HF_CONV1D}
     bare = set(uncovered_parameters(model, sites))
     graph = tp.DependencyGraph().build_dependency(
@@ -352,13 +352,13 @@ def _non_rebuildable(tp, group, layer, names: dict, params: dict, attention: set
             continue
         elif id(target) in attention:
             reaches.add("the attention projections")
-        elif not (type(target) in RESIZABLE or _is_hf_conv1d(target)):
+        elif not (type(target) in RESIZABLE or is_hf_conv1d(target)):
             reaches.add(f"{type(target).__name__} layers")
     return reaches
 
 
 def _out_channels(layer: nn.Module) -> int:
-    return layer.nf if _is_hf_conv1d(layer) else layer.weight.shape[0]
+    return layer.nf if is_hf_conv1d(layer) else layer.weight.shape[0]
 
 
 def _prune_attention(model, units, config, element_score, ctx, owner) -> dict[str, list[int]]:
