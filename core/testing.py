@@ -96,7 +96,7 @@ class TechniqueConformance:
         return Plugins(extra_plugins=self.extra_plugins)
 
     def _suggest(self, technique, task, seed):
-        from slimforge.search.space import FixedSuggester, scoped
+        from slimforge.core.space import FixedSuggester, scoped
 
         return technique.suggest(scoped(FixedSuggester(seed=seed), technique.name), task)
 
@@ -147,8 +147,8 @@ class TechniqueConformance:
                 assert torch.equal(expected, actual), f"{architecture} seed {seed}: outputs differ after load"
 
     def test_planner_honours_composition(self):
-        from slimforge.search.planner import Planner
-        from slimforge.search.space import FixedSuggester
+        from slimforge.core.planner import Planner
+        from slimforge.core.space import FixedSuggester
 
         registry = self._plugins().registry
         planner = Planner(registry)

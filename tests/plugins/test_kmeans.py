@@ -202,7 +202,7 @@ def test_quantizers_cannot_follow_clustering():
 
 
 def test_suggest_gives_convolutions_more_bits():
-    from slimforge.search.space import FixedSuggester, scoped
+    from slimforge.core.space import FixedSuggester, scoped
 
     task = tiny_task(TINY_ARCHITECTURES[0])
     for seed in range(10):

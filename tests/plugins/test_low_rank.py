@@ -14,7 +14,7 @@ from slimforge.core.plan import Plan, PlanStep
 from slimforge.core.technique import TechniqueContext
 from slimforge.core.testing import compress, tiny_task
 from slimforge.plugins.factorization.low_rank import LowRank, factorize, matrix_of, rank_for_energy
-from slimforge.search.space import FixedSuggester, scoped
+from slimforge.core.space import FixedSuggester, scoped
 
 MLP = "slimforge.core.testing:tiny_mlp"
 
