@@ -21,7 +21,7 @@ from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
 from slimforge.search import objective
 from slimforge.search.budgets import Budgets
-from slimforge.search.engine import SearchSettings, run_search
+from slimforge.app.api import SearchSettings, run_search
 from slimforge.search.objective import SIZE_ESTIMATE_SLACK, TrialRunner
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torch.ao deprecation chatter
