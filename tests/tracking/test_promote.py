@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from slimforge.core.cli import main
+from slimforge.app.cli import main
 from slimforge.core.manager import Plugins
 from slimforge.core.measure import LatencySettings
 from slimforge.core.plan import Plan, PlanStep, Recovery
