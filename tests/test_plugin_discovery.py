@@ -25,7 +25,6 @@ import pytest
 import sf_testing_models
 from slimforge.app.cli import main
 from slimforge.core.errors import PluginError
-from slimforge.core.hookspecs import hookimpl
 from slimforge.core.manager import Plugins
 from slimforge.core.technique import Stage, Technique
 from slimforge.core.planner import Planner

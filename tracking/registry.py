@@ -118,12 +118,12 @@ def promote(model: str, policy: str, *, tracking_uri: str, min_accuracy: float |
     with short_http_timeouts():  # a dead server fails in seconds; no "View run" lines on stdout
         return _promote(model, policy, tracking_uri=tracking_uri, min_accuracy=min_accuracy,
                         max_size_bytes=max_size_bytes, max_latency_ms=max_latency_ms, split=split,
-                        dry_run=dry_run, progress=progress)
+                        dry_run=dry_run, progress=progress, plugins=plugins)
 
 
 def _promote(model: str, policy: str, *, tracking_uri: str, min_accuracy: float | None,
              max_size_bytes: int | None, max_latency_ms: float | None, split: str, dry_run: bool,
-             progress) -> Decision:
+             progress, plugins) -> Decision:
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
