@@ -182,3 +182,10 @@ def budget_keys() -> list[str]:
 def budget_kinds() -> dict[str, dict[str, Any]]:
     """Per violation kind (``size``, ...): its flag and the ``Budgets`` field holding its limit."""
     return {meta["kind"]: {"flag": meta["flag"], "limit_key": f.name} for f, meta in budget_fields() if meta["kind"]}
+
+
+def docs_table() -> str:
+    """The README's table of budgets (``tests/search/test_settings.py`` keeps it in step)."""
+    rows = ["| flag | `[budgets]` key | what it limits |", "|---|---|---|"]
+    rows += [f"| `{meta['flag']}` | `{_key(meta)}` | {meta['help']} |" for _, meta in budget_fields()]
+    return "\n".join(rows)

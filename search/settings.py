@@ -314,6 +314,6 @@ def docs_table() -> str:
     rows = ["| flag | `[search]` key | value | what it does |", "|---|---|---|---|"]
     for _, _, meta in _flat_options():
         key = f"`{_key(meta)}`" if meta["in_config"] else "-"
-        value = "switch" if meta["kind"] == "bool" or meta["flag"].startswith("--no-") else KINDS[meta["kind"]][0]
+        value = f"one of {', '.join(meta['choices'])}" if meta["choices"] else KINDS[meta["kind"]][0]
         rows.append(f"| `{meta['flag']}` | {key} | {value} | {meta['help'].replace('|', '/')} |")
     return "\n".join(rows)
