@@ -66,6 +66,7 @@ def option(default: Any, flag: str, help: str, *, kind: str = "text", group: str
 # The latency settings live in core (``LatencySettings``); these are their flags.
 LATENCY_OPTIONS = {
     "threads": {"flag": "--latency-threads", "kind": "int", "help": "CPU threads while timing (default 1)"},
+    "warmup": {"flag": "--latency-warmup", "kind": "int", "help": "untimed forward passes before timing (default 20)"},
     "repeats": {"flag": "--latency-repeats", "kind": "int", "help": "timed repeats after warm-up (default 100)"},
     "batch_size": {"flag": "--latency-batch-size", "kind": "int", "help": "batch size timed (default 1)"},
     "cuda_graph": {"flag": "--latency-cuda-graph", "kind": "bool",

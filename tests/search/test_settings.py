@@ -70,3 +70,10 @@ def test_validation_messages_name_the_flag(kwargs, message):
 def test_settings_survive_the_round_trip_through_a_study():
     original = SearchSettings(trials=3, techniques=("int8_ptq",), disabled_plugins=("x",), out_dir="o")
     assert SearchSettings.from_dict(original.to_dict()) == original
+
+
+def test_latency_warmup_is_a_flag_and_a_config_key():
+    assert settings_from(_search_args("--latency-warmup", "3"), {}).latency.warmup == 3
+    assert settings_from(_search_args(), {"latency_warmup": 0}).latency.warmup == 0
+    with pytest.raises(ConfigError, match="latency warmup: must be >= 0, got -1"):
+        settings_from(_search_args("--latency-warmup", "-1"), {})
