@@ -121,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--wait", type=float, default=60.0,
                         help="seconds to wait for the search to create the study (default 60)")
     worker.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _plugin_flags(worker)
 
     sync = sub.add_parser("sync", help="replay MLflow records a search kept while the tracking server was unreachable",
                           description="A search that cannot reach MLflow keeps going and writes every run, metric and "
@@ -288,7 +287,7 @@ def cmd_worker(args) -> int:
     if args.trials is not None and args.trials < 1:
         raise ConfigError(f"--trials: must be >= 1, got {args.trials}")
     records = run_worker(storage=args.storage, study=args.study, trials=args.trials, progress=not args.no_progress,
-                         wait_s=args.wait, plugins=_plugins(args))
+                         wait_s=args.wait)  # its plugins follow the search's stored settings
     states = [r.state for r in records]
     print(f"worker ran {len(records)} trial(s) of study {args.study}: "
           + (", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states)) or "none left to run"))
