@@ -172,7 +172,7 @@ class TrialRunner:
         record.artifact_path = str(artifact)
         record.measurements = self.measure(artifact, split="val")
         m = record.measurements
-        record.violations = self.budgets.violations(size_bytes=m.size_bytes, latency_ms=m.latency_ms, accuracy=m.accuracy)
+        record.violations = self.budgets.violations(**m.to_dict())  # every budget whose measurement is known
         record.feasible = Budgets.feasible(record.violations)
         record.state = COMPLETE
 
