@@ -17,7 +17,7 @@ from slimforge.search.budgets import Budgets
 from slimforge.app.api import SearchSettings, run_search
 from slimforge.tracking.mlflow import RESUMED_BY_TAG, STOPPED_BY_TAG, MlflowTracker
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]  # whole searches, tracked
 
 
 def _settings(tmp_path, **overrides) -> SearchSettings:
