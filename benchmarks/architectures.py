@@ -43,7 +43,7 @@ def dense_bytes(task, folder: Path) -> int:
 
 
 def cell(plugins, name: str, task, folder: Path, seed: int) -> dict:
-    from slimforge.search.space import FixedSuggester, scoped
+    from slimforge.core.space import FixedSuggester, scoped
 
     technique = plugins.registry.get(name)
     started = time.perf_counter()

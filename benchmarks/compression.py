@@ -48,7 +48,7 @@ from slimforge.core.recovery import AppliedStep, recover
 from slimforge.core.task import load_task
 from slimforge.core.technique import TechniqueContext
 from slimforge.search.budgets import Budgets
-from slimforge.search.engine import SearchSettings, run_search
+from slimforge.app.api import SearchSettings, run_search
 from slimforge.search.objective import TrialRunner
 
 NETWORKS = {"lenet5": "mnist-lenet5", "lenet300": "mnist-lenet300"}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from slimforge.core.task import load_task
 from slimforge.search.budgets import Budgets
-from slimforge.search.engine import SearchSettings, run_search
+from slimforge.app.api import SearchSettings, run_search
 
 BASE = ("magnitude_pruning", "structured_pruning", "weight_only_quant", "int8_ptq")
 DISTILL = ("parameter_distillation", "knowledge_distillation")

@@ -38,7 +38,7 @@ from slimforge.core.manager import Plugins
 from slimforge.core.measure import LatencySettings, time_forward
 from slimforge.core.task import load_task
 from slimforge.search.budgets import Budgets
-from slimforge.search.engine import SearchSettings, run_search
+from slimforge.app.api import SearchSettings, run_search
 from study_timing import trial_phase_seconds
 
 TECHNIQUES = ("parameter_distillation", "structured_pruning", "magnitude_pruning", "knowledge_distillation",

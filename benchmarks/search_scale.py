@@ -28,7 +28,8 @@ from pathlib import Path
 
 from slimforge.core.task import load_task
 from slimforge.search.budgets import Budgets
-from slimforge.search.engine import SearchSettings, run_search, search_summary
+from slimforge.app.api import SearchSettings, run_search
+from slimforge.search.reports import search_summary
 from study_timing import trial_phase_seconds
 
 TECHNIQUES = ("magnitude_pruning", "int8_ptq", "weight_only_quant", "structured_pruning")

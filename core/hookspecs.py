@@ -48,6 +48,16 @@ def slimforge_register_techniques(registry):
 
 
 @hookspec
+def slimforge_search_trackers(settings, plugins):
+    """(provisional) Return a tracker for one search (a plugin object implementing the lifecycle
+    hooks below, e.g. the MLflow tracker), or None.  Called when the search's ``settings`` (a dict)
+    are resolved, before ``slimforge_search_start``; each tracker is registered for that search
+    and unregistered when it ends.  ``plugins`` is the search's ``Plugins`` (its registry loads
+    artifacts).  This is how the layer above the search wires tracking in: the search itself
+    knows no tracker."""
+
+
+@hookspec
 def slimforge_search_start(settings, task, baseline):
     """(provisional) A search begins.  ``settings`` is a dict, ``baseline`` the uncompressed
     ``Measurements`` on validation data.  Return values are ignored."""

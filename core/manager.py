@@ -138,6 +138,9 @@ class Plugins:
     def configure(self, settings: dict) -> None:
         self.pm.hook.slimforge_configure.call_historic(kwargs={"config": settings})
 
+    def search_trackers(self, settings: dict) -> list[Any]:
+        return [t for t in self.pm.hook.slimforge_search_trackers(settings=settings, plugins=self) if t is not None]
+
     def search_start(self, settings, task, baseline) -> None:
         self.pm.hook.slimforge_search_start(settings=settings, task=task, baseline=baseline)
 

@@ -1,22 +1,36 @@
 """Honest measurement: metric on held-out data, latency timed on the device, size = file bytes.
 
+``measure_artifact`` is the one place an artifact is measured: it loads the file the way a user
+would and measures what it loaded.  Trials, the baseline, ``slimforge evaluate``, ``slimforge
+reproduce`` and ``slimforge promote`` all call it.
+
 The default size and latency implementations are registered as the *last* plugins, so another
 plugin's ``slimforge_measure_latency`` (e.g. an ONNX Runtime timer) takes precedence.
+
+torch is imported inside the functions that use it: the settings and result types here are read
+by the command line while it checks its input, which must answer before torch has loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-
-import torch
-from torch.utils.data import DataLoader
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.outputs import logits_of
+
+if TYPE_CHECKING:
+    import torch
+
+    from slimforge.core.manager import Plugins
+    from slimforge.core.task import Task
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,9 @@ class Measurements:
 
 def evaluate(model: torch.nn.Module, dataset, metric, device: str = "cpu", batch_size: int = 500) -> float:
     """The task metric of ``model`` on the whole of ``dataset``."""
+    import torch
+    from torch.utils.data import DataLoader
+
     model.eval()
     outputs, targets = [], []
     with torch.inference_mode():
@@ -79,6 +96,8 @@ def evaluate(model: torch.nn.Module, dataset, metric, device: str = "cpu", batch
 def time_forward(model, example_inputs, device: str, settings: LatencySettings) -> LatencyStats:
     """Median wall time of one forward pass after warm-up; CUDA events on GPUs (around graph
     replays with ``settings.cuda_graph``)."""
+    import torch
+
     model.eval()
     inputs = tuple(t.to(device) for t in example_inputs)
     on_gpu = device.startswith("cuda")
@@ -114,6 +133,8 @@ def _cpu_samples(model, inputs, repeats: int) -> list[float]:
 
 def _cuda_event_samples(forward, repeats: int) -> list[float]:
     """Milliseconds between CUDA events recorded around each call of ``forward``."""
+    import torch
+
     samples = []
     for _ in range(repeats):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -132,6 +153,8 @@ def _captured(model, inputs) -> torch.cuda.CUDAGraph:
     lazy initialisations must not happen inside the capture).  A model that cannot be captured
     (host synchronisation, data-dependent shapes) raises: the caller asked for graph timing and
     must not silently get eager numbers under that name."""
+    import torch
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -146,6 +169,53 @@ def _captured(model, inputs) -> torch.cuda.CUDAGraph:
         raise ConfigError(f"--latency-cuda-graph: this model cannot be captured as a CUDA graph "
                           f"({str(exc).splitlines()[0]}); time it without --latency-cuda-graph") from exc
     return graph
+
+
+def latency_lock_path() -> Path:
+    """One lock file per user and host: latency is never timed while another slimforge process of
+    this user on this host (a worker process, a Ray trial, ``slimforge worker``) is timing.  Local
+    on purpose: trials on other hosts do not disturb timing here, and flock over NFS is unreliable."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"slimforge-latency-{uid}.lock"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path | None):
+    """Exclusive lock across processes (a no-op without a path)."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def measure_artifact(path: Path | str, *, task: Task, plugins: Plugins, split: str, device: str = "cpu",
+                     latency: LatencySettings = LatencySettings(), latency_lock: Path | None = None) -> Measurements:
+    """Load the artifact as a user would, then measure what was loaded: the task metric on
+    ``split``, latency under ``latency_lock`` (so concurrent trials never time at once), and the
+    file's size through the ``measure_size`` hook."""
+    from slimforge.core.compressed import load_model
+
+    loaded = load_model(path, plugins.registry, task=task)
+    where = _device_for(loaded.model, device)
+    accuracy = evaluate(loaded.model.to(where), task.split(split), task.metric, device=where)
+    with file_lock(latency_lock):
+        stats = plugins.measure_latency(loaded.model, task.example_inputs(latency.batch_size), where, latency)
+    return Measurements(accuracy=accuracy, size_bytes=plugins.measure_size(path), latency_ms=stats.median_ms,
+                        latency_p90_ms=stats.p90_ms, split=split)
+
+
+def _device_for(model: Any, device: str) -> str:
+    # torch.ao int8 modules only have CPU kernels: such a model is measured where it can run.
+    if device != "cpu" and any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
+        return "cpu"
+    return device
 
 
 class DefaultMeasurements:

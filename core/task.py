@@ -136,29 +136,36 @@ class Task:
 
 # --- loading ------------------------------------------------------------------------------------
 
-def builtin_tasks() -> dict[str, Callable[..., Task]]:
-    from slimforge.core import embedded, text_task
+# Every built-in task: its name -> the ``module:function`` that builds it (keyword arguments: the
+# flags that apply to it, e.g. ``cache``).  A new built-in task is one entry here.  The factories
+# are named, not imported: the modules that define tasks import this one (``Task``), and the type
+# must not depend on its instances.  ``torchvision:MODEL:DATASET`` specs go to ``TORCHVISION``.
+BUILTIN_TASKS = {
+    "mnist-lenet5": "slimforge.core.embedded:mnist_lenet5_task",
+    "mnist-lenet300": "slimforge.core.embedded:mnist_lenet300_task",
+    "text-chargpt": "slimforge.core.text_task:text_chargpt_task",
+    "text-chargpt-tiny": "slimforge.core.text_task:text_chargpt_tiny_task",
+}
+DEFAULT_TASK = "mnist-lenet5"
+TORCHVISION = {"spec": "slimforge.core.presets:parse_preset", "source": "slimforge.core.presets:torchvision_task"}
 
-    return {"mnist-lenet5": embedded.mnist_lenet5_task, "mnist-lenet300": embedded.mnist_lenet300_task,
-            "text-chargpt": text_task.text_chargpt_task, "text-chargpt-tiny": text_task.text_chargpt_tiny_task}
+
+def builtin_tasks() -> dict[str, Callable[..., Task]]:
+    """``BUILTIN_TASKS`` with each factory imported."""
+    return {name: FactoryRef(target).resolve(f"task {name!r}") for name, target in BUILTIN_TASKS.items()}
 
 
 def load_task(spec: str | Path | None = None, **builtin_kwargs: Any) -> Task:
     """Resolve ``spec``: None -> the embedded default; a built-in name; or a TOML config path."""
-    builtins = builtin_tasks()
-    if spec is None:
-        spec = "mnist-lenet5"
-    spec = str(spec)
-    if spec in builtins:
-        return builtins[spec](**builtin_kwargs)
+    spec = str(spec if spec is not None else DEFAULT_TASK)
+    if spec in BUILTIN_TASKS:
+        return builtin_tasks()[spec](**builtin_kwargs)
     if spec.startswith("torchvision:"):
-        from slimforge.core.presets import parse_preset
-
-        return parse_preset(spec, **builtin_kwargs)
+        return FactoryRef(TORCHVISION["spec"]).resolve("task")(spec, **builtin_kwargs)
     path = Path(spec)
     if path.suffix == ".toml" or path.exists():
         return task_from_config(path)
-    raise UnknownNameError("task", spec, [*builtins, "torchvision:MODEL:DATASET", "<path to a task .toml>"])
+    raise UnknownNameError("task", spec, [*BUILTIN_TASKS, "torchvision:MODEL:DATASET", "<path to a task .toml>"])
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -257,9 +264,7 @@ def _checked_metric(metric: Callable[[Any, Any], float]) -> Callable[[Any, Any],
 def task_from_source(source: dict[str, Any]) -> Task:
     """Rebuild a task from ``Task.source`` as recorded in an artifact header."""
     if source.get("builtin") == "torchvision":
-        from slimforge.core.presets import torchvision_task
-
-        return torchvision_task(**source["kwargs"])
+        return FactoryRef(TORCHVISION["source"]).resolve("task")(**source["kwargs"])
     if "builtin" in source:
         return load_task(source["builtin"], **source.get("kwargs", {}))
     if "config" in source:

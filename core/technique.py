@@ -20,7 +20,7 @@ if typing.TYPE_CHECKING:  # torch is heavy; keep `import slimforge.core.techniqu
     from torch import nn
 
     from slimforge.core.task import Task
-    from slimforge.search.space import Suggester
+    from slimforge.core.space import Suggester
 
 
 REQUIREMENTS = frozenset({"teacher", "training_data", "calibration_data", "gpu"})

@@ -197,7 +197,7 @@ class TechniqueConformance:
         return Plugins(extra_plugins=self.extra_plugins)
 
     def _suggest(self, technique, task, seed):
-        from slimforge.search.space import FixedSuggester, scoped
+        from slimforge.core.space import FixedSuggester, scoped
 
         return technique.suggest(scoped(FixedSuggester(seed=seed), technique.name), task)
 
@@ -266,8 +266,8 @@ class TechniqueConformance:
             assert acted or ctx.notes, f"{self.technique} on {architecture}: changed no weight and noted nothing"
 
     def test_planner_honours_composition(self):
-        from slimforge.search.planner import Planner
-        from slimforge.search.space import FixedSuggester
+        from slimforge.core.planner import Planner
+        from slimforge.core.space import FixedSuggester
 
         registry = self._plugins().registry
         planner = Planner(registry)

@@ -28,7 +28,7 @@ from slimforge.core.manager import Plugins  # noqa: E402
 from slimforge.core.measure import evaluate  # noqa: E402
 from slimforge.core.task import FactoryRef, Task  # noqa: E402
 from slimforge.search.budgets import Budgets  # noqa: E402
-from slimforge.search.engine import SearchSettings, run_search  # noqa: E402
+from slimforge.app.api import SearchSettings, run_search  # noqa: E402
 
 TECHNIQUES = ("magnitude_pruning", "knowledge_distillation", "int8_ptq")
 

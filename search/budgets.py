@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from slimforge.core.errors import ConfigError
+from slimforge.core.errors import ConfigError, UnknownNameError
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
@@ -77,29 +78,53 @@ def parse_accuracy_drop(text, field: str = "--max-accuracy-drop") -> float:
     return value
 
 
+def budget(flag: str, help: str, parse, *, kind: str | None = None, measured: str | None = None,
+           upper: bool = True, show=str) -> Any:
+    """A ``Budgets`` field and how it is given and checked.  ``flag`` is its command-line flag (its
+    ``[budgets]`` key is the flag's name with underscores), ``parse(text, field)`` reads a value;
+    ``kind`` names the violation (``record.violations[kind]``) of the measurement ``measured``,
+    a limit from above (``upper``) or below; ``show`` prints a limit.  A budget without ``kind``
+    is relative and ``Budgets.resolve`` folds it into another."""
+    return field(default=None, metadata={"budget": {"flag": flag, "help": help, "parse": parse, "kind": kind,
+                                                    "measured": measured, "upper": upper, "show": show}})
+
+
 @dataclass(frozen=True, kw_only=True)
 class Budgets:
-    max_size_bytes: int | None = None
-    max_latency_ms: float | None = None
-    min_accuracy: float | None = None
+    """Hard limits, declared once: the flags, ``[budgets]`` keys, violations, the sampler's
+    constraints and the printed description all come from these fields.  A new budget kind is a
+    new field here."""
+
+    max_size_bytes: int | None = budget("--max-size", "artifact size limit: bytes or with a unit, e.g. 150KB, 1.5MB, "
+                                        "60KiB", parse_size, kind="size", measured="size_bytes",
+                                        show=lambda v: f"size <= {v / 1000:.1f} KB")
+    max_latency_ms: float | None = budget("--max-latency", "median batch latency limit in ms on the target device, "
+                                          "e.g. 0.5", parse_positive_float, kind="latency", measured="latency_ms",
+                                          show=lambda v: f"latency <= {v:g} ms")
+    min_accuracy: float | None = budget("--min-accuracy", "validation metric floor: 0.97 or 97%", parse_accuracy,
+                                        kind="accuracy", measured="accuracy", upper=False,
+                                        show=lambda v: f"accuracy >= {v:.4f}")
     # Relative floor: baseline validation metric minus this.  ``resolve`` turns it into an
     # absolute ``min_accuracy`` once the baseline is measured.
-    max_accuracy_drop: float | None = None
+    max_accuracy_drop: float | None = budget("--max-accuracy-drop", "allowed drop from the uncompressed model's "
+                                             "validation metric: 1pt (= 1% = 0.01); the stricter floor wins",
+                                             parse_accuracy_drop, show=lambda v: f"accuracy drop <= {v * 100:g} pt")
 
     @classmethod
-    def parse(cls, *, max_size=None, max_latency=None, min_accuracy=None, max_accuracy_drop=None,
-              fields: dict[str, str] | None = None) -> Budgets:
-        """``fields`` names where a value came from in error messages (default: its flag, e.g.
+    def parse(cls, *, fields: dict[str, str] | None = None, **given) -> Budgets:
+        """Budgets from user text, by ``[budgets]`` key (``max_size="60KB"``).  ``fields`` names
+        where a value came from in error messages (default: its flag, e.g.
         ``{"max_size": "[budgets] max_size"}`` for a value read from a config file)."""
-        name = {"max_size": "--max-size", "max_latency": "--max-latency", "min_accuracy": "--min-accuracy",
-                "max_accuracy_drop": "--max-accuracy-drop"} | (fields or {})
-        return cls(
-            max_size_bytes=None if max_size is None else parse_size(max_size, name["max_size"]),
-            max_latency_ms=None if max_latency is None else parse_positive_float(max_latency, name["max_latency"]),
-            min_accuracy=None if min_accuracy is None else parse_accuracy(min_accuracy, name["min_accuracy"]),
-            max_accuracy_drop=(None if max_accuracy_drop is None
-                               else parse_accuracy_drop(max_accuracy_drop, name["max_accuracy_drop"])),
-        )
+        known = budget_keys()
+        for key in given:
+            if key not in known:
+                raise UnknownNameError("[budgets] key", key, known)
+        kwargs = {}
+        for f, meta in budget_fields():
+            value = given.get(_key(meta))
+            if value is not None:
+                kwargs[f.name] = meta["parse"](value, (fields or {}).get(_key(meta), meta["flag"]))
+        return cls(**kwargs)
 
     def resolve(self, baseline_accuracy: float) -> Budgets:
         """Fold ``max_accuracy_drop`` into ``min_accuracy`` (the stricter of the two wins)."""
@@ -112,23 +137,21 @@ class Budgets:
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.max_size_bytes, self.max_latency_ms, self.min_accuracy,
-                                           self.max_accuracy_drop))
+        return any(getattr(self, f.name) is not None for f, _ in budget_fields())
 
-    def violations(self, *, size_bytes=None, latency_ms=None, accuracy=None) -> dict[str, float]:
-        """Absolute violations (measured - limit) of the budgets whose measurement is known."""
+    def violations(self, **measured: float | None) -> dict[str, float]:
+        """Absolute violations (measured - limit, or limit - measured for a floor) of the budgets
+        whose measurement is given, by kind: ``violations(size_bytes=..., accuracy=...)``."""
         out = {}
-        if self.max_size_bytes is not None and size_bytes is not None:
-            out["size"] = float(size_bytes - self.max_size_bytes)
-        if self.max_latency_ms is not None and latency_ms is not None:
-            out["latency"] = float(latency_ms - self.max_latency_ms)
-        if self.min_accuracy is not None and accuracy is not None:
-            out["accuracy"] = float(self.min_accuracy - accuracy)
+        for f, meta in budget_fields():
+            limit, value = getattr(self, f.name), measured.get(meta["measured"]) if meta["kind"] else None
+            if limit is not None and value is not None:
+                out[meta["kind"]] = float(value - limit if meta["upper"] else limit - value)
         return out
 
     def normalized(self, violations: dict[str, float]) -> dict[str, float]:
         """Violations relative to their limit, for the sampler."""
-        scale = {"size": self.max_size_bytes, "latency": self.max_latency_ms, "accuracy": self.min_accuracy}
+        scale = {meta["kind"]: getattr(self, f.name) for f, meta in budget_fields() if meta["kind"]}
         return {k: v / (scale[k] or 1.0) for k, v in violations.items()}
 
     @staticmethod
@@ -136,17 +159,33 @@ class Budgets:
         return all(v <= 0 for v in violations.values())
 
     def describe(self) -> str:
-        parts = []
-        if self.max_size_bytes is not None:
-            parts.append(f"size <= {self.max_size_bytes / 1000:.1f} KB")
-        if self.max_latency_ms is not None:
-            parts.append(f"latency <= {self.max_latency_ms:g} ms")
-        if self.min_accuracy is not None:
-            parts.append(f"accuracy >= {self.min_accuracy:.4f}")
-        if self.max_accuracy_drop is not None:
-            parts.append(f"accuracy drop <= {self.max_accuracy_drop * 100:g} pt")
+        parts = [meta["show"](getattr(self, f.name)) for f, meta in budget_fields() if getattr(self, f.name) is not None]
         return ", ".join(parts) or "no budgets"
 
     def to_dict(self) -> dict:
-        return {"max_size_bytes": self.max_size_bytes, "max_latency_ms": self.max_latency_ms,
-                "min_accuracy": self.min_accuracy, "max_accuracy_drop": self.max_accuracy_drop}
+        return {f.name: getattr(self, f.name) for f, _ in budget_fields()}
+
+
+def budget_fields() -> list[tuple[dataclasses.Field, dict[str, Any]]]:
+    return [(f, f.metadata["budget"]) for f in dataclasses.fields(Budgets)]
+
+
+def _key(meta: dict[str, Any]) -> str:
+    return meta["flag"].removeprefix("--").replace("-", "_")
+
+
+def budget_keys() -> list[str]:
+    """The ``[budgets]`` keys of a config file (and the keyword arguments of ``Budgets.parse``)."""
+    return [_key(meta) for _, meta in budget_fields()]
+
+
+def budget_kinds() -> dict[str, dict[str, Any]]:
+    """Per violation kind (``size``, ...): its flag and the ``Budgets`` field holding its limit."""
+    return {meta["kind"]: {"flag": meta["flag"], "limit_key": f.name} for f, meta in budget_fields() if meta["kind"]}
+
+
+def docs_table() -> str:
+    """The README's table of budgets (``tests/search/test_settings.py`` keeps it in step)."""
+    rows = ["| flag | `[budgets]` key | what it limits |", "|---|---|---|"]
+    rows += [f"| `{meta['flag']}` | `{_key(meta)}` | {meta['help']} |" for _, meta in budget_fields()]
+    return "\n".join(rows)

@@ -1,11 +1,11 @@
-"""Where trials run: in this process, or in a pool of worker processes.
+"""Where trials run, when not in the search's own process: a pool of worker processes.
 
 Worker processes give what one process cannot: ``--workers N`` trials at once, a per-trial
 ``--trial-timeout`` (a hung trial's worker is killed), and isolation (a trial that exhausts
 memory or crashes the interpreter takes down only its worker, which is restarted).  Workers are
-spawned once and rebuild the task from ``Task.source`` (built-in name or config file), so nothing
-is pickled but plans and records.  The parent keeps the study, the planner and the trackers: one
-writer, so sqlite storage is safe.
+spawned once and build their runner from a ``WorkerSpec`` (the task rebuilt from
+``Task.source``), so nothing is pickled but the spec, plans and records.  The parent keeps the
+study, the planner and the trackers: one writer, so sqlite storage is safe.
 
 Latency is timed under an exclusive file lock, so two workers never time at once; training in
 another worker can still share the CPU, so for the most stable CPU numbers use one worker.
@@ -14,71 +14,27 @@ another worker can still share the CPU, so for the most stable CPU numbers use o
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import multiprocessing as mp
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import wait
-from pathlib import Path
 from typing import Any
 
-from slimforge.search.records import FAILED, TrialRecord
+from slimforge.search.records import TrialRecord
+from slimforge.search.workers import WorkerSpec
 
 
-@contextlib.contextmanager
-def file_lock(path: Path | None):
-    """Exclusive lock across processes (a no-op without a path)."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@dataclass
-class WorkerConfig:
-    """Everything a worker needs to build its own TrialRunner (plain data: it crosses a pipe)."""
-
-    task_source: dict[str, Any]
-    budgets: dict[str, Any]
-    artifact_dir: str
-    device: str
-    latency: dict[str, Any]
-    strict_plugins: bool
-    disabled_plugins: tuple[str, ...]
-    latency_lock: str | None
-    memory_limit_bytes: int | None
-
-
-def _worker_main(conn, config: WorkerConfig) -> None:
+def _worker_main(conn, spec: WorkerSpec, memory_limit_bytes: int | None) -> None:
     import resource
 
-    from slimforge.core.manager import Plugins
-    from slimforge.core.measure import LatencySettings
     from slimforge.core.plan import Plan
-    from slimforge.core.task import task_from_source
-    from slimforge.search.budgets import Budgets
-    from slimforge.search.objective import TrialRunner
     from slimforge.search.records import record_from_dict
 
-    import torch
-
-    torch.set_num_threads(1)  # N workers on N cores: oversubscribed threads slow training 30x here
-    task = task_from_source(config.task_source)
-    _ = task.teacher
-    runner = TrialRunner(task=task, plugins=Plugins(strict=config.strict_plugins, disabled=config.disabled_plugins),
-                         budgets=Budgets(**config.budgets), artifact_dir=Path(config.artifact_dir),
-                         device=config.device, latency=LatencySettings(**config.latency),
-                         latency_lock=Path(config.latency_lock) if config.latency_lock else None)
-    if config.memory_limit_bytes:
+    runner = spec.build_runner()
+    if memory_limit_bytes:
         # RLIMIT_AS caps *address space*, so the allowance goes on top of the address space in
         # use now (after the imports: the CUDA build of torch maps gigabytes of virtual ranges at
         # import), not on top of the resident size, which is several times smaller.
-        soft = _address_space_bytes() + config.memory_limit_bytes
+        soft = _address_space_bytes() + memory_limit_bytes
         resource.setrlimit(resource.RLIMIT_AS, (soft, soft))
     conn.send(("ready", None))
     while True:
@@ -103,9 +59,9 @@ def _address_space_bytes() -> int:
 
 
 class _Worker:
-    def __init__(self, context, config: WorkerConfig):
+    def __init__(self, context, spec: WorkerSpec, memory_limit_bytes: int | None):
         self.parent, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child, config), daemon=True)
+        self.process = context.Process(target=_worker_main, args=(child, spec, memory_limit_bytes), daemon=True)
         self.process.start()
         child.close()
         self.job: tuple[Any, int, float] | None = None  # (handle, number, started)
@@ -123,12 +79,17 @@ class _Worker:
 
 
 class ProcessPool:
-    """N spawned workers; ``submit`` a plan, ``poll`` for finished (handle, record) pairs."""
+    """N spawned workers; ``submit`` a started trial, ``poll`` for finished ones (a
+    ``loop.TrialExecutor``)."""
 
-    def __init__(self, workers: int, config: WorkerConfig, trial_timeout_s: float | None):
+    def __init__(self, workers: int, spec: WorkerSpec, trial_timeout_s: float | None = None,
+                 memory_limit_bytes: int | None = None):
         self.context = mp.get_context("spawn")  # fork after torch/OpenMP start-up can deadlock
-        self.config, self.trial_timeout_s = config, trial_timeout_s
-        self.workers = [_Worker(self.context, config) for _ in range(workers)]
+        self.spec, self.trial_timeout_s, self.memory_limit_bytes = spec, trial_timeout_s, memory_limit_bytes
+        self.workers = [self._start() for _ in range(workers)]
+
+    def _start(self) -> _Worker:
+        return _Worker(self.context, self.spec, self.memory_limit_bytes)
 
     def idle(self) -> int:
         return sum(w.job is None for w in self.workers)
@@ -136,17 +97,19 @@ class ProcessPool:
     def busy(self) -> int:
         return len(self.workers) - self.idle()
 
-    def submit(self, handle: Any, plan: dict, number: int, history: list[dict]) -> None:
+    def submit(self, started, history: list[dict]) -> None:
+        """Hand ``started`` (a ``loop.StartedTrial``: its number and plan) to an idle worker;
+        ``poll`` returns it with the record."""
         index, worker = next((i, w) for i, w in enumerate(self.workers) if w.job is None)
         if not worker.process.is_alive():  # died while idle (killed from outside): start a fresh one
             worker = self._restart(index)
-        worker.job = (handle, number, time.monotonic())
-        worker.parent.send((plan, number, history))
+        worker.job = (started, started.number, time.monotonic())
+        worker.parent.send((started.plan.to_dict(), started.number, history))
 
     def _restart(self, index: int) -> _Worker:
         """Kill worker ``index`` (dead or hung) and start a fresh one in its place."""
         self.workers[index].stop(kill=True)
-        self.workers[index] = _Worker(self.context, self.config)
+        self.workers[index] = self._start()
         return self.workers[index]
 
     def wait_ready(self, timeout_s: float = 600.0) -> None:
@@ -198,8 +161,3 @@ class ProcessPool:
     def close(self) -> None:
         for worker in self.workers:
             worker.stop(kill=worker.job is not None)
-
-
-def failed_record(number: int, plan: dict, plan_text: str, reason: str, seconds: float) -> TrialRecord:
-    return TrialRecord(number=number, state=FAILED, plan=plan, plan_text=plan_text, failure_reason=reason,
-                       duration_s=seconds)

@@ -13,10 +13,8 @@ import math
 from collections import Counter
 from typing import Any
 
-from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord
-
-FLAGS = {"size": "--max-size", "latency": "--max-latency", "accuracy": "--min-accuracy"}
-LIMIT_KEYS = {"size": "max_size_bytes", "latency": "max_latency_ms", "accuracy": "min_accuracy"}
+from slimforge.search.budgets import budget_kinds
+from slimforge.search.records import COMPLETE, FAILED, REJECTED, SearchResult, TrialRecord
 
 
 def _kb(size: float) -> str:
@@ -31,10 +29,13 @@ def _violation(budget: str, over: float, limit: float) -> dict[str, Any]:
     elif budget == "size":
         measured = limit + over
         text = f"size {_kb(measured)} > {_kb(limit)} (over by {_kb(over)}, +{over / limit:.0%})"
-    else:
+    elif budget == "latency":
         measured = limit + over
         text = f"latency {measured:.3f} ms > {limit:g} ms (over by {over:.3f} ms, +{over / limit:.0%})"
-    return {"budget": budget, "flag": FLAGS[budget], "limit": limit, "measured": measured, "over_by": over,
+    else:  # a budget kind without its own wording
+        measured = limit + over
+        text = f"{budget} {measured:g} misses the limit {limit:g} by {over:g}"
+    return {"budget": budget, "flag": budget_kinds()[budget]["flag"], "limit": limit, "measured": measured, "over_by": over,
             "relative": over / abs(limit) if limit else math.inf, "text": text}
 
 
@@ -43,7 +44,7 @@ def _relaxed_value(violation: dict[str, Any], baseline_accuracy: float | None) -
     measured = violation["measured"]
     if violation["budget"] == "size":
         return f"{math.ceil(measured / 100) / 10:g}KB"
-    if violation["budget"] == "latency":
+    if violation["budget"] != "accuracy":
         return f"{math.ceil(measured * 1000) / 1000:g}"
     floor = math.floor(measured * 10000) / 10000
     text = f"{floor:g}"
@@ -58,7 +59,7 @@ def closest_to_feasible(records: list[TrialRecord], budgets: dict[str, Any], bas
     (each with its violations), how many trials failed and why, and a one-line suggestion."""
     if any(r.feasible and r.state == COMPLETE for r in records):
         return None
-    limits = {b: budgets.get(key) for b, key in LIMIT_KEYS.items()}
+    limits = {b: budgets.get(kind["limit_key"]) for b, kind in budget_kinds().items()}
     measured = [r for r in records if r.state in (COMPLETE, REJECTED) and any(v > 0 for v in r.violations.values())]
 
     def distance(r: TrialRecord) -> tuple:
@@ -91,6 +92,11 @@ def closest_to_feasible(records: list[TrialRecord], budgets: dict[str, Any], bas
         suggestion = "no trial finished; run more trials (--trials) or a longer --timeout"
     return {"trials": closest, "suggestion": suggestion, "failed": sum(failures.values()),
             "failure_reasons": dict(failures.most_common(3))}
+
+
+def closest_for(result: SearchResult) -> dict[str, Any] | None:
+    """``closest_to_feasible`` for a finished search (what ``summary.json`` and the CLI show)."""
+    return closest_to_feasible(result.trials, result.budgets, result.baseline.accuracy)
 
 
 def describe(closest: dict[str, Any]) -> list[str]:

@@ -15,16 +15,15 @@ from pathlib import Path
 
 import torch
 
-from slimforge.core.compressed import load_model, save_model
+from slimforge.core.compressed import save_model
 from slimforge.core.errors import SlimforgeError, TrialRejected
 from slimforge.core.manager import Plugins
-from slimforge.core.measure import LatencySettings, Measurements, evaluate
+from slimforge.core.measure import LatencySettings, Measurements, evaluate, measure_artifact
 from slimforge.core.plan import Plan, Recovery
 from slimforge.core.recovery import AppliedStep, RecoveryLog, TeacherOutputs, recover
 from slimforge.core.task import Task
 from slimforge.core.technique import Stage, TechniqueContext
 from slimforge.search.budgets import Budgets
-from slimforge.search.executor import file_lock
 from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord
 
 # Entropy coding makes the final size depend slightly on the fine-tuned values; the pre-training
@@ -173,7 +172,7 @@ class TrialRunner:
         record.artifact_path = str(artifact)
         record.measurements = self.measure(artifact, split="val")
         m = record.measurements
-        record.violations = self.budgets.violations(size_bytes=m.size_bytes, latency_ms=m.latency_ms, accuracy=m.accuracy)
+        record.violations = self.budgets.violations(**m.to_dict())  # every budget whose measurement is known
         record.feasible = Budgets.feasible(record.violations)
         record.state = COMPLETE
 
@@ -206,18 +205,6 @@ class TrialRunner:
         return None
 
     def measure(self, artifact: Path | str, split: str) -> Measurements:
-        """Load the artifact as a user would, then measure it."""
-        loaded = load_model(artifact, self.plugins.registry, task=self.task)
-        device = self._device_for(loaded.model)
-        accuracy = evaluate(loaded.model.to(device), self.task.split(split), self.task.metric, device=device)
-        with file_lock(self.latency_lock):
-            stats = self.plugins.measure_latency(loaded.model, self.task.example_inputs(self.latency.batch_size),
-                                                 device, self.latency)
-        return Measurements(accuracy=accuracy, size_bytes=self.plugins.measure_size(artifact),
-                            latency_ms=stats.median_ms, latency_p90_ms=stats.p90_ms, split=split)
-
-    def _device_for(self, model: torch.nn.Module) -> str:
-        # torch.ao int8 modules only have CPU kernels: such a model is measured where it can run.
-        if self.device != "cpu" and any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
-            return "cpu"
-        return self.device
+        """Load the artifact as a user would, then measure it (``core.measure.measure_artifact``)."""
+        return measure_artifact(artifact, task=self.task, plugins=self.plugins, split=split, device=self.device,
+                                latency=self.latency, latency_lock=self.latency_lock)

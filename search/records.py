@@ -9,12 +9,13 @@ from typing import Any
 from slimforge.core.measure import Measurements
 
 COMPLETE, REJECTED, FAILED = "complete", "rejected", "failed"
+STOPPED = "stopped"  # ended early by the Ray scheduler, before it was measured
 
 
 @dataclass
 class TrialRecord:
     number: int
-    state: str  # complete | rejected (size broke the budget before training) | failed
+    state: str  # complete | rejected (size broke the budget before training) | failed | stopped
     plan: dict[str, Any]
     plan_text: str
     measurements: Measurements | None = None  # on validation data
@@ -72,13 +73,6 @@ class SearchResult:
         out["stopped_early"] = sum(r.stopped_early is not None for r in self.trials)
         return out
 
-    def closest_to_feasible(self) -> dict[str, Any] | None:
-        """None when a trial met every budget; otherwise the trials closest to feasibility, what
-        each violates and by how much, and which budget to relax (``search.feasibility``)."""
-        from slimforge.search.feasibility import closest_to_feasible
-
-        return closest_to_feasible(self.trials, self.budgets, self.baseline.accuracy)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "study": self.study_name,
@@ -91,7 +85,6 @@ class SearchResult:
             "trials": [r.to_dict() for r in self.trials],
             "pareto": [r.to_dict() for r in self.pareto],
             "registration_floor": self.registration_floor,
-            "closest_to_feasible": self.closest_to_feasible(),
             "links": self.links,
         }
 
@@ -103,3 +96,10 @@ def record_from_dict(data: dict[str, Any]) -> TrialRecord:
         if data.get(key) is not None:
             data[key] = Measurements(**data[key])
     return TrialRecord(**data)
+
+
+def failed_record(number: int, plan: dict, plan_text: str, reason: str, seconds: float) -> TrialRecord:
+    """The record of a trial that ended without one of its own (its process died, timed out, or
+    could not build the task)."""
+    return TrialRecord(number=number, state=FAILED, plan=plan, plan_text=plan_text, failure_reason=reason,
+                       duration_s=seconds)

@@ -15,6 +15,7 @@ another torch build may change float results; the command then says where the fi
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,9 @@ def _registered_artifact(client, run_id: str, tmp: Path) -> tuple[str, Path]:
 
 
 def reproduce(run_id: str, *, tracking_uri: str, config: Path | None = None, trust_header: bool = False,
-              out_dir: Path | None = None, log=print) -> Reproduction:
+              out_dir: Path | None = None, log=print, plugins=None) -> Reproduction:
+    """Rebuild the registered model of trial run ``run_id`` and compare it with the registered
+    file.  ``plugins``: the process's plugins (default: built here)."""
     import mlflow
     import torch
     from mlflow.exceptions import MlflowException
@@ -106,8 +109,6 @@ def reproduce(run_id: str, *, tracking_uri: str, config: Path | None = None, tru
     from slimforge.core.task import FactoryRef, task_from_config, task_from_source
     from slimforge.search.budgets import Budgets
     from slimforge.search.objective import TrialRunner
-
-    import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout is the result
     mlflow.set_tracking_uri(tracking_uri)
@@ -144,7 +145,7 @@ def reproduce(run_id: str, *, tracking_uri: str, config: Path | None = None, tru
         out.mkdir(parents=True, exist_ok=True)
         log(f"rebuilding trial {number} ({model_uri}): {plan.describe()}; {threads} thread(s)"
             + (f", {epochs} epoch(s)" if epochs is not None else ""))
-        runner = TrialRunner(task=task, plugins=Plugins(), budgets=Budgets(), artifact_dir=out,
+        runner = TrialRunner(task=task, plugins=plugins or Plugins(), budgets=Budgets(), artifact_dir=out,
                              latency=LatencySettings(warmup=0, repeats=1), replay_epochs=epochs)
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)

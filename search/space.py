@@ -1,43 +1,11 @@
-"""The suggestion interface techniques see.  Plugins never import Optuna or Ray.
-
-``Suggester`` is a protocol with Optuna's define-by-run vocabulary; ``OptunaSuggester`` adapts an
-``optuna.Trial`` (also used by Ray Tune's OptunaSearch), ``FixedSuggester`` answers from a dict or a
-seeded RNG for tests and the conformance kit.  ``scoped`` prefixes parameter names so two
-techniques never collide (``magnitude_pruning.sparsity.fc1``).
+"""The search backends' side of the suggestion interface: ``OptunaSuggester`` adapts an
+``optuna.Trial`` (also the one Ray Tune's OptunaSearch hands out) to ``core.space.Suggester``,
+the protocol techniques see.
 """
 
 from __future__ import annotations
 
-import math
-import random
-from collections.abc import Sequence
-from typing import Any, Protocol
-
-
-class Suggester(Protocol):
-    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float: ...
-    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
-
-
-class ScopedSuggester:
-    """Prefixes every name with ``scope.``."""
-
-    def __init__(self, inner: Suggester, scope: str):
-        self.inner, self.scope = inner, scope
-
-    def suggest_int(self, name, low, high, *, step=1, log=False):
-        return self.inner.suggest_int(f"{self.scope}.{name}", low, high, step=step, log=log)
-
-    def suggest_float(self, name, low, high, *, step=None, log=False):
-        return self.inner.suggest_float(f"{self.scope}.{name}", low, high, step=step, log=log)
-
-    def suggest_categorical(self, name, choices):
-        return self.inner.suggest_categorical(f"{self.scope}.{name}", choices)
-
-
-def scoped(space: Suggester, scope: str) -> Suggester:
-    return ScopedSuggester(space, scope)
+from typing import Any
 
 
 class OptunaSuggester:
@@ -56,36 +24,3 @@ class OptunaSuggester:
 
     def suggest_categorical(self, name, choices):
         return self.trial.suggest_categorical(name, list(choices))
-
-
-class FixedSuggester:
-    """Answers from ``values`` where given, otherwise draws from a seeded RNG (deterministic)."""
-
-    def __init__(self, values: dict[str, Any] | None = None, seed: int = 0):
-        self.values = dict(values or {})
-        self.rng = random.Random(seed)
-        self.asked: dict[str, Any] = {}
-
-    def _answer(self, name: str, draw):
-        value = self.values[name] if name in self.values else draw()
-        self.asked[name] = value
-        return value
-
-    def suggest_int(self, name, low, high, *, step=1, log=False):
-        def draw():
-            if log:
-                return int(round(math.exp(self.rng.uniform(math.log(low), math.log(high)))))
-            return self.rng.randrange(low, high + 1, step)
-        return self._answer(name, draw)
-
-    def suggest_float(self, name, low, high, *, step=None, log=False):
-        def draw():
-            if step:
-                return round(low + step * self.rng.randint(0, int(round((high - low) / step))), 10)
-            if log:
-                return math.exp(self.rng.uniform(math.log(low), math.log(high)))
-            return self.rng.uniform(low, high)
-        return self._answer(name, draw)
-
-    def suggest_categorical(self, name, choices):
-        return self._answer(name, lambda: self.rng.choice(list(choices)))

@@ -57,7 +57,7 @@ def subprocess_env(slimforge_cache_dir) -> dict[str, str]:
 def slimforge_cmd() -> list[str]:
     """The installed console script next to this interpreter: what a user runs."""
     script = Path(sys.executable).with_name("slimforge")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "slimforge.core.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "slimforge.app.cli"]
 
 
 @pytest.fixture(scope="session")

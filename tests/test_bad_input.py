@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import sf_testing_models
-from slimforge.core.cli import main
+from slimforge.app.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TESTS = sf_testing_models.TESTS_DIR.as_posix()

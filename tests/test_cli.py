@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 import sf_testing_models
-from slimforge.core.cli import SEARCH_KEYS, main
+from slimforge.app.cli import main
+from slimforge.search.settings import config_keys
 from slimforge.core.compressed import save_model
 from slimforge.core.errors import ConfigError
 from slimforge.core.manager import Plugins
@@ -86,7 +87,7 @@ def test_model_factory_that_raises(capsys, tmp_path, write_config):
 def test_unknown_search_key_in_config(capsys, tmp_path, write_config):
     code, _, err = run_main(capsys, *search_args(tmp_path, "--config", write_config(extra="[search]\ntrails = 3\n")))
     assert code == 2
-    assert error_line(err) == f"[search] key: unknown 'trails'; valid choices: {', '.join(sorted(SEARCH_KEYS))}"
+    assert error_line(err) == f"[search] key: unknown 'trails'; valid choices: {', '.join(config_keys())}"
 
 
 @pytest.mark.parametrize("extra, expected", [

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import sf_testing_models
-from slimforge.core.cli import main
+from slimforge.app.cli import main
 from slimforge.core.measure import LatencySettings
 from slimforge.search.budgets import Budgets
-from slimforge.search.engine import SearchSettings, run_search
+from slimforge.app.api import SearchSettings, run_search
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 

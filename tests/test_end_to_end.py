@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from slimforge.core.cli import main
+from slimforge.app.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 

@@ -33,7 +33,7 @@ def env(subprocess_env) -> dict[str, str]:
 
 def slimforge_command() -> list[str]:
     script = Path(sys.executable).with_name("slimforge")  # the console script, as documented
-    return [str(script)] if script.exists() else [sys.executable, "-m", "slimforge.core.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "slimforge.app.cli"]
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:

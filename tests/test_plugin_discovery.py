@@ -23,13 +23,12 @@ from pathlib import Path
 import pytest
 
 import sf_testing_models
-from slimforge.core.cli import main
+from slimforge.app.cli import main
 from slimforge.core.errors import PluginError
-from slimforge.core.hookspecs import hookimpl
 from slimforge.core.manager import Plugins
 from slimforge.core.technique import Stage, Technique
-from slimforge.search.planner import Planner
-from slimforge.search.space import FixedSuggester
+from slimforge.core.planner import Planner
+from slimforge.core.space import FixedSuggester
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "third_party_plugin"

@@ -13,8 +13,9 @@ never leaves a half-written journal; it is deleted once nothing is pending.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from slimforge.core.files import write_text_atomic
 
 JOURNAL_NAME = "mlflow-pending.jsonl"
 FORMAT = 1
@@ -50,11 +51,4 @@ def write_journal(path: Path, ops: list[dict]) -> None:
     if not ops:
         path.unlink(missing_ok=True)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        for op in ops:
-            handle.write(json.dumps(op, separators=(",", ":")) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(op, separators=(",", ":")) + "\n" for op in ops), fsync=True)

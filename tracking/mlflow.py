@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimforge.core.errors import MissingDependencyError, SlimforgeError
+from slimforge.core.files import write_json_atomic
 from slimforge.core.hookspecs import hookimpl
 from slimforge.tracking.journal import journal_path, read_journal, write_journal
 
@@ -432,10 +433,42 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+def replay(writer: MlflowWriter, ops: list[dict], *, done, failed) -> None:
+    """Execute ``ops`` strictly in order (a trial run needs its parent, a registration its trial
+    run), taking each off the list as it succeeds and calling ``done(op, outcome)``; stop at the
+    first that fails, count the attempt on it and call ``failed(op)``.  The search's tracker and
+    ``slimforge sync`` both replay through here."""
+    with short_http_timeouts():
+        while ops:
+            op = ops[0]
+            try:
+                outcome = writer.execute(op)
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the record, none stops the search
+                op["attempts"] = op.get("attempts", 0) + 1
+                op["last_error"] = _short_error(exc)
+                failed(op)
+                return
+            ops.pop(0)
+            done(op, outcome)
+
+
+@hookimpl
+def slimforge_search_trackers(settings, plugins):
+    """The search's MLflow tracker, unless the search runs with ``tracking`` off.  This module is
+    registered as a plugin by the layer above the search (``slimforge.app``)."""
+    if not settings["tracking"]:
+        return None
+    return MlflowTracker(tracking_uri=settings["tracking_uri"], experiment=settings["experiment"],
+                         registered_model=settings["registered_model"], registry=plugins.registry)
+
+
 class MlflowTracker:
-    def __init__(self, *, tracking_uri: str, experiment: str, registered_model: str):
+    def __init__(self, *, tracking_uri: str, experiment: str, registered_model: str, registry=None):
+        """``registry``: the search's technique registry, which loads Pareto members to record
+        their signatures (default: the built-in plugins')."""
         # Nothing here talks to MLflow: a server that is down must not stop a search from starting.
         self.tracking_uri, self.experiment, self.registered_model = tracking_uri, experiment, registered_model
+        self.registry = registry
         self.search_id = uuid.uuid4().hex  # tags every run of this search: replays find them
         self.writer = MlflowWriter()
         self.pending: list[dict] = []
@@ -459,24 +492,16 @@ class MlflowTracker:
 
     def _flush(self) -> None:
         """Execute pending operations in order; stop at the first that fails and keep the rest."""
-        with short_http_timeouts():
-            while self.pending:
-                op = self.pending[0]
-                try:
-                    outcome = self.writer.execute(op)
-                except Exception as exc:  # noqa: BLE001 - any failure keeps the record, none stops the search
-                    op["attempts"] = op.get("attempts", 0) + 1
-                    op["last_error"] = _short_error(exc)
-                    self._warn(op)
-                    break
-                self.pending.pop(0)
-                self._outcomes[op["id"]] = outcome
-                if op["op"] in ("search_start", "search_end") and op["search_id"] == self.search_id:
-                    self.parent_run_id = outcome["run_id"]
-                elif op["op"] in ("trial", "register") and op.get("study_id") == self._study_id:
-                    self._trial_runs[op["trial"]["number"]] = outcome["run_id"]
-                if self.journal is not None and self.journal.exists():
-                    write_journal(self.journal, self.pending)  # progress survives a crash mid-replay
+        def done(op: dict, outcome: dict) -> None:
+            self._outcomes[op["id"]] = outcome
+            if op["op"] in ("search_start", "search_end") and op["search_id"] == self.search_id:
+                self.parent_run_id = outcome["run_id"]
+            elif op["op"] in ("trial", "register") and op.get("study_id") == self._study_id:
+                self._trial_runs[op["trial"]["number"]] = outcome["run_id"]
+            if self.journal is not None and self.journal.exists():
+                write_journal(self.journal, self.pending)  # progress survives a crash mid-replay
+
+        replay(self.writer, self.pending, done=done, failed=self._warn)
         if self.journal is not None and self.pending:
             write_journal(self.journal, self.pending)
 
@@ -524,7 +549,6 @@ class MlflowTracker:
         import torch
 
         from slimforge.core.compressed import load_model
-        from slimforge.core.manager import Plugins
 
         started = time.perf_counter()
         from slimforge.core.outputs import logits_of
@@ -532,7 +556,11 @@ class MlflowTracker:
         example = self._task.example_inputs(2)[0]
         example = example.numpy().astype(np.int64 if not example.is_floating_point() else np.float32)
         registered = [member for member in result.pareto if member.not_registered is None]
-        registrations, registry = {}, Plugins().registry if registered else None
+        registrations, registry = {}, self.registry
+        if registered and registry is None:  # a tracker built on its own, outside a search
+            from slimforge.core.manager import Plugins
+
+            registry = Plugins().registry
         for member in registered:
             # The model's answer to the input example goes into the signature.  Computed here, with
             # the search's own task, so a replay needs neither the task nor its factories.
@@ -635,20 +663,12 @@ def sync_pending(out_dir: str | Path, tracking_uri: str | None = None) -> SyncRe
     path = journal_path(Path(out_dir).resolve())
     ops = read_journal(path)
     report = SyncReport(journal=path)
-    writer = MlflowWriter(tracking_uri)
-    with short_http_timeouts():
-        while ops:
-            op = ops[0]
-            try:
-                outcome = writer.execute(op)
-            except Exception as exc:  # noqa: BLE001 - reported, kept for the next sync
-                op["attempts"] = op.get("attempts", 0) + 1
-                op["last_error"] = _short_error(exc)
-                write_journal(path, ops)
-                break
-            ops.pop(0)
-            report.done.append((op, outcome))
-            write_journal(path, ops)
+
+    def done(op: dict, outcome: dict) -> None:
+        report.done.append((op, outcome))
+        write_journal(path, ops)
+
+    replay(MlflowWriter(tracking_uri), ops, done=done, failed=lambda op: write_journal(path, ops))
     report.pending = ops
     _update_summary(Path(out_dir) / "summary.json", report)
     return report
@@ -681,6 +701,4 @@ def _update_summary(path: Path, report: SyncReport) -> None:
         summary.setdefault("links", {})["mlflow_pending"] = {"operations": len(report.pending), "journal": str(report.journal)}
     else:
         summary.get("links", {}).pop("mlflow_pending", None)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(path)
+    write_json_atomic(path, summary)

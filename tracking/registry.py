@@ -63,20 +63,16 @@ class _Measurer:
     """Re-measures registered versions; versions of one task share the rebuilt task (its data is
     loaded once per promotion, not once per version)."""
 
-    def __init__(self, split: str):
-        from slimforge.core.manager import Plugins
-
-        self.split, self.plugins, self._tasks = split, Plugins(), {}
+    def __init__(self, split: str, plugins):
+        self.split, self.plugins, self._tasks = split, plugins, {}
 
     def __call__(self, name: str, version) -> Candidate:
         import mlflow
 
         from slimforge.core import trust
         from slimforge.core.artifact import read_artifact
-        from slimforge.core.measure import LatencySettings
+        from slimforge.core.measure import measure_artifact
         from slimforge.core.task import task_from_source
-        from slimforge.search.budgets import Budgets
-        from slimforge.search.objective import TrialRunner
 
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
@@ -90,9 +86,7 @@ class _Measurer:
             key = json.dumps(source, sort_keys=True, default=str)
             if key not in self._tasks:
                 self._tasks[key] = task_from_source(source)
-            runner = TrialRunner(task=self._tasks[key], plugins=self.plugins, budgets=Budgets(),
-                                 artifact_dir=files[0].parent, latency=LatencySettings())
-            m = runner.measure(files[0], self.split)
+            m = measure_artifact(files[0], task=self._tasks[key], plugins=self.plugins, split=self.split)
         return Candidate(version=int(version.version), accuracy=m.accuracy, size_bytes=m.size_bytes,
                          latency_ms=m.latency_ms, logged=dict(version.tags))
 
@@ -116,7 +110,7 @@ def _pick(policy: str, eligible: list[Candidate], champion: int | None) -> Candi
 
 def promote(model: str, policy: str, *, tracking_uri: str, min_accuracy: float | None = None,
             max_size_bytes: int | None = None, max_latency_ms: float | None = None, split: str = "test",
-            dry_run: bool = False, progress=print) -> Decision:
+            dry_run: bool = False, progress=print, plugins=None) -> Decision:
     """Re-measure every version of ``model``, pick the policy's best, move the alias if it beats
     the champion (ties keep the champion), record the decision unless ``dry_run``."""
     from slimforge.tracking.mlflow import short_http_timeouts
@@ -124,12 +118,12 @@ def promote(model: str, policy: str, *, tracking_uri: str, min_accuracy: float |
     with short_http_timeouts():  # a dead server fails in seconds; no "View run" lines on stdout
         return _promote(model, policy, tracking_uri=tracking_uri, min_accuracy=min_accuracy,
                         max_size_bytes=max_size_bytes, max_latency_ms=max_latency_ms, split=split,
-                        dry_run=dry_run, progress=progress)
+                        dry_run=dry_run, progress=progress, plugins=plugins)
 
 
 def _promote(model: str, policy: str, *, tracking_uri: str, min_accuracy: float | None,
              max_size_bytes: int | None, max_latency_ms: float | None, split: str, dry_run: bool,
-             progress) -> Decision:
+             progress, plugins) -> Decision:
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -152,7 +146,11 @@ def _promote(model: str, policy: str, *, tracking_uri: str, min_accuracy: float 
             raise  # e.g. the server is unreachable: that is not "no champion"
         champion_before = None
 
-    candidates, measure = [], _Measurer(split)
+    if plugins is None:  # called on its own, not from the command line
+        from slimforge.core.manager import Plugins
+
+        plugins = Plugins()
+    candidates, measure = [], _Measurer(split, plugins)
     for version in sorted(versions, key=lambda v: int(v.version)):
         progress(f"re-measuring {model} version {version.version} on the {split} split ...")
         c = measure(model, version)

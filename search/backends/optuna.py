@@ -14,7 +14,8 @@ import warnings
 
 from slimforge.core.errors import MissingDependencyError, UnknownNameError
 from slimforge.search.budgets import Budgets
-from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord, record_from_dict
+from slimforge.search.settings import SAMPLERS
+from slimforge.search.records import COMPLETE, FAILED, REJECTED, STOPPED, TrialRecord, record_from_dict
 
 try:
     import optuna
@@ -23,7 +24,6 @@ except ImportError as exc:  # pragma: no cover - optuna is a core dependency, bu
 
 DIRECTIONS = ("maximize", "minimize", "minimize")  # accuracy, size_bytes, latency_ms
 RECORD_ATTR = "slimforge_record"
-SAMPLERS = ("tpe", "random")
 PLAN_ATTR = "slimforge_plan"
 INTERRUPTED = "interrupted (the search was stopped while this trial ran)"
 
@@ -39,7 +39,7 @@ class OptunaBackend:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self.budgets = budgets
 
-        if sampler_name not in SAMPLERS:
+        if sampler_name not in SAMPLERS:  # checked by SearchSettings too; this guards direct use
             raise UnknownNameError("--sampler", sampler_name, SAMPLERS)
 
         def sampler(seed):
@@ -109,7 +109,8 @@ class OptunaBackend:
 
     def tell(self, trial, record: TrialRecord) -> None:
         """Store the record with the trial and tell the sampler: values and constraints for a
-        complete trial, the size violation for a rejected one (PRUNED), FAIL otherwise."""
+        complete trial, the size violation for a rejected one (PRUNED), PRUNED for one a
+        scheduler stopped, FAIL otherwise."""
         storage, trial_id = self.study._storage, trial._trial_id
         storage.set_trial_user_attr(trial_id, RECORD_ATTR, json.dumps(record.to_dict()))
         if record.state in (COMPLETE, REJECTED):
@@ -118,7 +119,9 @@ class OptunaBackend:
         if record.state == COMPLETE:
             m = record.measurements
             self.study.tell(trial, [m.accuracy, m.size_bytes, m.latency_ms])
-        elif record.state == REJECTED:
+        elif record.state in (REJECTED, STOPPED):
+            # Optuna's word for a trial ended early is PRUNED.  A stopped trial has no
+            # measurements, so no constraints either: the sampler learns nothing false from it.
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             storage.set_trial_user_attr(trial_id, "failure_reason", record.failure_reason or "unknown")

@@ -129,7 +129,7 @@ def test_missing_transformers_names_the_extra(monkeypatch):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_search_then_evaluate_in_a_fresh_process_without_the_folder(bert_config, bert_dir, tmp_path,
                                                                     subprocess_env, slimforge_cmd, monkeypatch):
-    from slimforge.core.cli import main
+    from slimforge.app.cli import main
 
     monkeypatch.chdir(tmp_path)
     # One thread: on a busy 2-core machine torch's thread pool makes steps this small many times slower.

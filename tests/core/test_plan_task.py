@@ -139,7 +139,7 @@ def test_task_teacher_must_be_a_module_and_is_built_once():
     assert not task.teacher.training
     bad = _task({"train": _dataset(), "val": _dataset(), "test": _dataset()}, teacher=lambda: "weights.pt")
     with pytest.raises(TaskError, match="model factory returned str, not a torch.nn.Module"):
-        bad.teacher
+        _ = bad.teacher
 
 
 def test_task_splits_calibration_and_example_inputs(tiny_task):

@@ -10,7 +10,7 @@ from importlib import metadata
 
 import pytest
 
-from slimforge.core.cli import main
+from slimforge.app.cli import main
 from slimforge.core.errors import ConfigError, PluginError, UnknownNameError
 from slimforge.core.hookspecs import hookimpl, hookspec
 from slimforge.core.manager import Plugins

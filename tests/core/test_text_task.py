@@ -92,7 +92,7 @@ def test_model_takes_shorter_sequences_and_is_causal(tiny_task):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_search_then_evaluate_and_pyfunc_in_fresh_processes(tiny_task, tmp_path, subprocess_env, slimforge_cmd,
                                                            monkeypatch):
-    from slimforge.core.cli import main
+    from slimforge.app.cli import main
 
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the working directory
     # One thread, in-process and in subprocesses: on a busy 2-core machine torch's thread pool makes

@@ -39,7 +39,9 @@ def test_lloyd_from_linear_init_is_deterministic_and_assigns_nearest():
     for c in range(8):
         assert torch.isclose(centroids[c], values[codes == c].double().mean())
     start = torch.linspace(float(values.min()), float(values.max()), 8, dtype=torch.float64)
-    sse = lambda cs: (values.double() - cs[(values[:, None].double() - cs).abs().argmin(dim=1)]).pow(2).sum()
+    def sse(cs):
+        return (values.double() - cs[(values[:, None].double() - cs).abs().argmin(dim=1)]).pow(2).sum()
+
     assert sse(centroids) < 0.7 * sse(start)
     assert sse(kmeans_1d(values, 8)[0]) < 0.7 * sse(start)  # the default 30 iterations, not yet converged
     again = kmeans_1d(values, 8, iterations=200)
@@ -202,7 +204,7 @@ def test_quantizers_cannot_follow_clustering():
 
 
 def test_suggest_gives_convolutions_more_bits():
-    from slimforge.search.space import FixedSuggester, scoped
+    from slimforge.core.space import FixedSuggester, scoped
 
     task = tiny_task(TINY_ARCHITECTURES[0])
     for seed in range(10):

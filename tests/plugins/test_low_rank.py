@@ -26,7 +26,7 @@ from slimforge.plugins.factorization.low_rank import (
     rank_for_energy,
     svd_factors,
 )
-from slimforge.search.space import FixedSuggester, scoped
+from slimforge.core.space import FixedSuggester, scoped
 
 MLP = "slimforge.core.testing:tiny_mlp"
 

@@ -19,7 +19,7 @@ from slimforge.core.technique import TechniqueContext
 from slimforge.core.testing import ALL_ARCHITECTURES, TechniqueConformance, compress, tiny_gru, tiny_task
 from slimforge.plugins.common import apply_masks, density_sites, mask_sites, reapply_masks
 from slimforge.plugins.pruning.importance import _scoring_mode, importance_scores
-from slimforge.search.space import FixedSuggester, scoped
+from slimforge.core.space import FixedSuggester, scoped
 
 pytest.importorskip("transformers")
 

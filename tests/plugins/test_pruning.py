@@ -22,7 +22,7 @@ from slimforge.plugins.pruning.gradient import GradientPruning, GradientPruningC
 from slimforge.plugins.pruning.importance import fisher_score, gradient_statistics, importance_scores, taylor_score
 from slimforge.plugins.pruning.magnitude import MagnitudePruning, MagnitudePruningConfig
 from slimforge.plugins.pruning.structured import StructuredPruning, StructuredPruningConfig, kept_channels
-from slimforge.search.space import FixedSuggester, scoped
+from slimforge.core.space import FixedSuggester, scoped
 
 UNSTRUCTURED = [(MagnitudePruning, MagnitudePruningConfig, "magnitude"),
                 (GradientPruning, GradientPruningConfig, "taylor"),

@@ -17,7 +17,7 @@ from slimforge.plugins.factorization.low_rank import LowRank
 from slimforge.plugins.pruning.magnitude import DENSITY_RANGE
 from slimforge.plugins.sparsity.nm_sparsity import NMSparsity, nm_mask
 from slimforge.plugins.sparsity.random_sparsity import RandomSparsity
-from slimforge.search.space import FixedSuggester, scoped
+from slimforge.core.space import FixedSuggester, scoped
 
 MLP = "slimforge.core.testing:tiny_mlp"  # reduction dims 144, 64, 32: multiples of 4, 8 and 16
 

@@ -185,7 +185,7 @@ def test_student_drops_blocks_initialised_from_the_teacher(architecture, stack, 
 
 
 def test_student_suggests_depth_only_where_blocks_exist():
-    from slimforge.search.space import FixedSuggester, scoped
+    from slimforge.core.space import FixedSuggester, scoped
 
     cnn = tiny_task()
     bert = tiny_task(ARCH + "tiny_bert")

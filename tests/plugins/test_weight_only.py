@@ -25,7 +25,7 @@ from slimforge.plugins.quantization.weight_only import (
     WeightOnlyQuantized,
     execution_order,
 )
-from slimforge.search.space import FixedSuggester, scoped
+from slimforge.core.space import FixedSuggester, scoped
 
 TINY_CNN_LAYERS = ("0", "3", "6", "8")  # conv, conv, linear, linear in execution order
 

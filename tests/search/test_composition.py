@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from slimforge.core.manager import Plugins
 from slimforge.core.technique import Stage, Technique
 from slimforge.core.testing import tiny_task
-from slimforge.search.planner import Planner
-from slimforge.search.space import FixedSuggester
+from slimforge.core.planner import Planner
+from slimforge.core.space import FixedSuggester
 from sf_testing_models import Registers
 
 

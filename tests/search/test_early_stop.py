@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import pytest
 
 from slimforge.core.manager import Plugins
 from slimforge.core.measure import LatencySettings, Measurements

@@ -8,7 +8,7 @@ import json
 import pytest
 
 import sf_testing_models
-from slimforge.core.cli import main
+from slimforge.app.cli import main
 from slimforge.core.measure import Measurements
 from slimforge.search.feasibility import closest_to_feasible, describe
 from slimforge.search.records import TrialRecord

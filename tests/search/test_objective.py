@@ -21,7 +21,7 @@ from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
 from slimforge.search import objective
 from slimforge.search.budgets import Budgets
-from slimforge.search.engine import SearchSettings, run_search
+from slimforge.app.api import SearchSettings, run_search
 from slimforge.search.objective import SIZE_ESTIMATE_SLACK, TrialRunner
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torch.ao deprecation chatter
@@ -164,6 +164,7 @@ def test_slimforge_errors_from_a_technique_keep_their_own_message(tiny_task, tmp
     assert record.notes == []  # a deliberate error needs no traceback
 
 
+@pytest.mark.slow  # a whole six-trial search
 def test_search_goes_on_after_a_failed_trial(tiny_task, tmp_path, failing_plugins):
     settings = SearchSettings(trials=6, seed=0, study="failing", out_dir=tmp_path, techniques=("exploding", "int8_ptq"),
                               tracking=False, progress=False, latency=QUICK_LATENCY)

@@ -11,7 +11,7 @@ from slimforge.core.artifact import _temporary_path, temporary_target
 from slimforge.core.measure import Measurements
 from slimforge.search.backends.optuna import INTERRUPTED, OptunaBackend
 from slimforge.search.budgets import Budgets
-from slimforge.search.engine import remove_orphaned_files
+from slimforge.search.study import remove_orphaned_files
 from slimforge.search.records import COMPLETE, FAILED, TrialRecord
 
 

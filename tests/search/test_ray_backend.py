@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import sf_testing_models
-from slimforge.core.cli import main
+from slimforge.app.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 

@@ -11,7 +11,7 @@ import pytest
 from slimforge.core.errors import ConfigError
 from slimforge.core.measure import LatencySettings, Measurements
 from slimforge.search.budgets import Budgets
-from slimforge.search.engine import SearchSettings, run_search
+from slimforge.app.api import SearchSettings, run_search
 from slimforge.search.pareto import DEFAULT_REGISTER_MAX_ACCURACY_DROP, registration_floor
 from slimforge.search.records import COMPLETE, TrialRecord
 
@@ -74,7 +74,7 @@ def _registered_trials(uri: str) -> list[int]:
 def test_members_below_the_floor_are_reported_not_registered(tiny_task, tmp_path, monkeypatch, capsys):
     """Seed 0's six trials of the tiny task put near-chance models on the front next to accurate
     int8 ones (no budget keeps them off).  Resuming the study with the floor lowered registers them."""
-    from slimforge.core.cli import format_result
+    from slimforge.app.cli import format_result
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

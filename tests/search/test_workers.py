@@ -12,10 +12,11 @@ import optuna
 import pytest
 
 import sf_testing_models
-from slimforge.core.cli import main
+from slimforge.app.cli import main
 from slimforge.core.measure import Measurements
-from slimforge.search.engine import (SURPLUS_ATTR, WORKER_ATTR, SearchSettings, claim_trial, feasible_hypervolume,
-                                     search_summary)
+from slimforge.search.reports import feasible_hypervolume, search_summary
+from slimforge.search.settings import SearchSettings
+from slimforge.search.study import SURPLUS_ATTR, WORKER_ATTR, claim_trial
 from slimforge.search.records import COMPLETE, FAILED, REJECTED, SearchResult, TrialRecord
 
 STUDY = "shared"
@@ -148,17 +149,18 @@ def test_search_summary_counts_what_the_progress_bar_and_summary_show():
 def test_a_worker_killed_while_idle_is_replaced_not_fed(tmp_path):
     """A worker process that dies between trials (killed from outside) is replaced when the next
     trial is submitted, instead of the plan being written into a dead pipe."""
-    from slimforge.search.executor import ProcessPool, WorkerConfig
+    from slimforge.core.plan import Plan
+    from slimforge.search.executor import ProcessPool
+    from slimforge.search.loop import StartedTrial
+    from slimforge.search.workers import WorkerSpec
 
-    config = WorkerConfig(task_source={"builtin": "no-such-task"}, budgets={}, artifact_dir=str(tmp_path), device="cpu",
-                          latency={}, strict_plugins=False, disabled_plugins=(), latency_lock=None,
-                          memory_limit_bytes=None)
-    pool = ProcessPool(1, config, trial_timeout_s=None)
+    spec = WorkerSpec(task_source={"builtin": "no-such-task"}, budgets={}, artifact_dir=str(tmp_path))
+    pool = ProcessPool(1, spec)
     try:
         first = pool.workers[0]
         first.process.kill()
         first.process.join(timeout=30)
-        pool.submit("handle", {}, 0, [])
+        pool.submit(StartedTrial(trial=optuna.trial.FixedTrial({}, number=0), plan=Plan(), asked=0.0), [])
         assert pool.workers[0] is not first and pool.workers[0].job is not None
     finally:
         pool.close()

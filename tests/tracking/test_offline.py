@@ -16,12 +16,12 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 import sf_testing_models
-from slimforge.core.cli import main
+from slimforge.app.cli import main
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.manager import Plugins
 from slimforge.core.measure import LatencySettings
 from slimforge.search.budgets import Budgets
-from slimforge.search.engine import SearchSettings, run_search
+from slimforge.app.api import SearchSettings, run_search
 from slimforge.tracking import mlflow as tracker_module
 from slimforge.tracking.journal import JOURNAL_NAME, read_journal
 

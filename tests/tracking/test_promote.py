@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from slimforge.core.cli import main
+from slimforge.app.cli import main
 from slimforge.core.manager import Plugins
 from slimforge.core.measure import LatencySettings
 from slimforge.core.plan import Plan, PlanStep, Recovery
@@ -27,7 +27,8 @@ from slimforge.search.records import SearchResult
 from slimforge.tracking.mlflow import MlflowTracker
 from slimforge.tracking.registry import ALIAS, PROMOTIONS_EXPERIMENT, promote
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torch.ao deprecation chatter
+# The module's registry fixture runs a tracked search first; filterwarnings: torch.ao deprecation chatter.
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 MODEL = "tiny-compressed"
 INT8 = PlanStep("int8_ptq", {"observer": "minmax", "calibration_batches": 2, "calibration_batch_size": 64})

@@ -14,10 +14,10 @@ from slimforge.core.hookspecs import hookimpl
 from slimforge.core.manager import Plugins
 from slimforge.core.measure import LatencySettings, Measurements
 from slimforge.search.budgets import Budgets
-from slimforge.search.engine import SearchSettings, run_search
+from slimforge.app.api import SearchSettings, run_search
 from slimforge.tracking.mlflow import RESUMED_BY_TAG, STOPPED_BY_TAG, MlflowTracker
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]  # whole searches, tracked
 
 
 def _settings(tmp_path, **overrides) -> SearchSettings:

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from sf_mlflow_server import MlflowServer, free_port
-from slimforge.core.cli import main
+from slimforge.app.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 

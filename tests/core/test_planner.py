@@ -12,8 +12,8 @@ from slimforge.core.plan import Plan, Recovery
 from slimforge.core.technique import Family, Stage, Technique, TechniqueRegistry
 from slimforge.plugins.pruning.magnitude import MagnitudePruning
 from slimforge.plugins.quantization.int8_ptq import Int8PTQ
-from slimforge.search.planner import BEFORE_SHARING_EPOCHS, RECOVERY_EPOCHS, RECOVERY_LR, Planner
-from slimforge.search.space import FixedSuggester
+from slimforge.core.planner import BEFORE_SHARING_EPOCHS, RECOVERY_EPOCHS, RECOVERY_LR, Planner
+from slimforge.core.space import FixedSuggester
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,8 @@
-"""The ``slimforge`` command line: a thin layer over ``slimforge.search.run_search``.
+"""The ``slimforge`` command line: a thin layer over ``slimforge.app.api.run_search``.
 
-Heavy modules (optuna, mlflow) are imported inside the commands that use them, so ``--help`` and
-``plugins list`` stay quick.
+Input is checked before anything heavy loads: the settings and budgets (``search.settings``,
+``search.budgets``) import no torch, so a bad flag value is answered in well under a second.
+Heavy modules (torch, optuna, mlflow) are imported inside the commands that use them.
 """
 
 from __future__ import annotations
@@ -31,29 +32,6 @@ examples:
   mlflow ui --backend-store-uri sqlite:///mlflow.db  # browse runs and registered models
 """
 
-SEARCH_KEYS = {"trials", "timeout", "seed", "study", "storage", "out", "techniques", "device",
-               "disable_plugins", "strict_plugins", "sampler", "workers", "trial_timeout", "trial_memory_limit",
-               "tracking_uri", "tracking", "experiment", "registered_model", "latency_threads",
-               "latency_repeats", "latency_batch_size", "latency_cuda_graph", "backend", "ray_address", "cpus_per_trial",
-               "gpus_per_trial", "scheduler", "register_min_accuracy", "register_max_accuracy_drop"}
-BUDGET_KEYS = {"max_size", "max_latency", "min_accuracy", "max_accuracy_drop"}
-# The TOML type each [search] key takes (checked before use: a wrong type is a one-line error).
-_INT, _NUMBER, _BOOL, _TEXT = ("an integer", (int,)), ("a number", (int, float)), ("true or false", (bool,)), \
-    ("a string", (str,))
-SEARCH_KEY_TYPES = {
-    "trials": _INT, "seed": _INT, "workers": _INT, "latency_threads": _INT, "latency_repeats": _INT,
-    "latency_batch_size": _INT, "timeout": _NUMBER, "trial_timeout": _NUMBER, "cpus_per_trial": _NUMBER,
-    "gpus_per_trial": _NUMBER, "latency_cuda_graph": _BOOL, "strict_plugins": _BOOL, "tracking": _BOOL, "study": _TEXT, "storage": _TEXT,
-    "out": _TEXT, "device": _TEXT, "tracking_uri": _TEXT, "experiment": _TEXT, "registered_model": _TEXT,
-    "backend": _TEXT, "ray_address": _TEXT, "scheduler": _TEXT,
-    "techniques": ("a list of names or a comma-separated string", (list, str)),
-    "disable_plugins": ("a list of names or a comma-separated string", (list, str)),
-    "trial_memory_limit": ("a size like \"4GB\" or a number of bytes", (str, int)),
-    "register_min_accuracy": ("a fraction like 0.9 or a percentage like \"90%\"", (str, int, float)),
-    "register_max_accuracy_drop": ("points like \"10pt\" or a fraction like 0.1", (str, int, float)),
-}
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors in slimforge's one-line form (argparse prints the whole usage
     block first); exit code 2 as before.  Subcommand parsers inherit this class."""
@@ -62,17 +40,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"slimforge: error: {message} (see '{self.prog} --help')\n")
 
 
-def _check_search_types(file_search: dict) -> None:
-    for key, value in file_search.items():
-        expected, types = SEARCH_KEY_TYPES.get(key, (None, None))
-        bad_bool = isinstance(value, bool) and bool not in types if types else False
-        if types and (not isinstance(value, types) or bad_bool):
-            raise ConfigError(f"[search] {key}: expected {expected}, got {value!r}")
-        if isinstance(value, list) and not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"[search] {key}: expected {expected}, got {value!r}")
+def _plugin_flags(parser) -> None:
+    parser.add_argument("--strict-plugins", action="store_true", help="fail on a plugin that cannot load")
+    parser.add_argument("--disable-plugins", help="comma-separated plugin or technique names to leave out")
+
+
+def _plugins(args):
+    """The process's plugins, built once from the command's plugin flags."""
+    from slimforge.app.api import make_plugins
+
+    return make_plugins(strict=args.strict_plugins, disabled=_name_list(args.disable_plugins))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from slimforge.search.budgets import budget_fields
+    from slimforge.search.settings import add_arguments
+
     parser = _Parser(
         prog="slimforge", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Find the best compressed versions of a PyTorch model under hard size, latency and "
@@ -100,61 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--cache-dir", help="where the embedded tasks cache their trained teachers "
                                           "(default: $SLIMFORGE_CACHE_DIR or ~/.cache/slimforge)")
     budgets = search.add_argument_group("budgets (hard constraints the sampler sees)")
-    budgets.add_argument("--max-size", help="artifact size limit: bytes or with a unit, e.g. 150KB, 1.5MB, 60KiB")
-    budgets.add_argument("--max-latency", help="median batch latency limit in ms on the target device, e.g. 0.5")
-    budgets.add_argument("--min-accuracy", help="validation metric floor: 0.97 or 97%%")
-    budgets.add_argument("--max-accuracy-drop", help="allowed drop from the uncompressed model's validation "
-                                                     "metric: 1pt (= 1%% = 0.01); the stricter floor wins")
-    run = search.add_argument_group("search")
-    run.add_argument("--trials", type=int, help="total trials in the study (default 20)")
-    run.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    run.add_argument("--techniques", help="comma-separated technique names to search over (default: all; "
-                                          "see 'slimforge plugins list')")
-    run.add_argument("--disable-plugins", help="comma-separated plugin (entry point) or technique names to leave out")
-    run.add_argument("--strict-plugins", action="store_true", default=None,
-                     help="fail when a third-party plugin cannot load (default: name it on stderr and skip it)")
-    run.add_argument("--seed", type=int, help="sampler and trial seed (default 0)")
-    run.add_argument("--study", help="study name; an existing name resumes that study")
-    run.add_argument("--storage", help="Optuna storage URL (default: sqlite file OUT/optuna.db)")
-    run.add_argument("--out", type=Path, help="output directory (default slimforge-out)")
-    run.add_argument("--device", help="cpu (default) or cuda: where training and timing happen")
-    run.add_argument("--sampler", help="tpe (default: multivariate TPE that sees the budgets) or random (baseline)")
-    run.add_argument("--workers", type=int, help="trials at once, each in a worker process (default 1: in this process)")
-    run.add_argument("--trial-timeout", type=float, help="seconds after which a trial is killed and recorded as "
-                                                         "failed (runs trials in a worker process)")
-    run.add_argument("--trial-memory-limit", help="extra memory a trial may allocate, e.g. 4GB; beyond it the trial "
-                                                  "fails with out-of-memory (runs trials in a worker process)")
-    run.add_argument("--latency-threads", type=int, help="CPU threads while timing (default 1)")
-    run.add_argument("--latency-repeats", type=int, help="timed repeats after warm-up (default 100)")
-    run.add_argument("--latency-batch-size", type=int, help="batch size timed (default 1)")
-    run.add_argument("--latency-cuda-graph", action="store_true", default=None,
-                     help="with --device cuda: time replays of a captured CUDA graph (what a server using graphs "
-                          "pays) instead of eager launches, which for small models are mostly launch overhead")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    scale = search.add_argument_group("search at scale")
-    scale.add_argument("--backend", choices=("optuna", "ray"),
-                       help="optuna (default): trials here or in --workers processes; ray: Ray Tune trials on a local "
-                            "Ray or a cluster (pip install 'slimforge[ray]')")
-    scale.add_argument("--ray-address", help="Ray cluster to join from one of its nodes: auto or HEAD:6379 (default: "
-                                             "$RAY_ADDRESS, else a local Ray on every CPU; ray:// is not supported)")
-    scale.add_argument("--cpus-per-trial", type=float, help="Ray CPUs per trial (default 1; fractions allowed)")
-    scale.add_argument("--gpus-per-trial", type=float, help="Ray GPUs per trial (default 0; fractions such as 0.25 "
-                                                            "share a GPU; needs --device cuda)")
-    scale.add_argument("--scheduler", choices=("fifo", "asha"),
-                       help="Ray trial scheduler: fifo (default) runs every trial to the end; asha stops trials whose "
-                            "validation score trails the others after an epoch")
-    track = search.add_argument_group("tracking")
-    track.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db in the working dir)")
-    track.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    track.add_argument("--experiment", help="MLflow experiment name (default slimforge)")
-    track.add_argument("--registered-model", help="registered model name for Pareto members (default <task>-compressed)")
-    track.add_argument("--register-min-accuracy", help="register only Pareto members with at least this validation "
-                                                       "metric: 0.9 or 90%%; the others stay in the summary, marked "
-                                                       "not registered (default: the baseline's minus 10pt, or the "
-                                                       "accuracy budget where that is lower)")
-    track.add_argument("--register-max-accuracy-drop", help="register only Pareto members within this drop from the "
-                                                            "uncompressed model's validation metric: 10pt (= 10%% = "
-                                                            "0.1); with --register-min-accuracy the stricter wins")
+    for _, meta in budget_fields():
+        budgets.add_argument(meta["flag"], help=meta["help"].replace("%", "%%"))
+    add_arguments(search)  # every SearchSettings field, in its group
 
     evaluate = sub.add_parser("evaluate", help="load an artifact on its own and measure it on the test split")
     evaluate.add_argument("artifact", type=Path)
@@ -164,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="call the factories the artifact's header names even though this account has not "
                                "trusted them yet (only for files whose origin you trust: it runs their code)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a line of text")
+    _plugin_flags(evaluate)
 
     promote = sub.add_parser("promote", help="move the 'champion' alias to a registered version that really wins",
                              description="Re-measure every version of a registered model from the registry (held-out "
@@ -179,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--split", default="test", help="held-out split to re-measure on (default test)")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db in the working dir)")
     promote.add_argument("--dry-run", action="store_true", help="show the decision without moving the alias or recording it")
+    _plugin_flags(promote)
 
     worker = sub.add_parser("worker", help="join a running search from another process or host",
                             description="Join the search STUDY in the Optuna storage STORAGE: rebuild its task, planner "
@@ -213,52 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="call the factories the artifact's header names even though this account has not "
                                 "trusted them yet (it runs their code)")
     reproduce.add_argument("--out", type=Path, help="keep the rebuilt artifact in this folder (default: a temporary one)")
+    _plugin_flags(reproduce)
 
     plugins = sub.add_parser("plugins", help="inspect installed technique plugins")
     plugins_sub = plugins.add_subparsers(dest="plugins_command", metavar="ACTION")
     listing = plugins_sub.add_parser("list", help="every technique with its family, stage and source package")
-    listing.add_argument("--strict-plugins", action="store_true", help="fail on a plugin that cannot load")
-    listing.add_argument("--disable-plugins", help="comma-separated plugin or technique names to leave out")
+    _plugin_flags(listing)
     return parser
-
-
-def _search_settings(args, file_search: dict):
-    from slimforge.core.measure import LatencySettings
-    from slimforge.search.budgets import parse_accuracy, parse_accuracy_drop, parse_size
-    from slimforge.search.engine import SearchSettings
-
-    for key in file_search:
-        if key not in SEARCH_KEYS:
-            raise UnknownNameError("[search] key", key, SEARCH_KEYS)
-    _check_search_types(file_search)
-    merged = dict(file_search)
-    for key in SEARCH_KEYS:
-        value = getattr(args, key, None)
-        if value is not None:
-            merged[key] = value
-    if args.no_tracking:
-        merged["tracking"] = False
-    techniques, disabled = (_name_list(merged.get(key)) for key in ("techniques", "disable_plugins"))
-    latency = LatencySettings(**{k: merged.pop(f"latency_{k}") for k in ("threads", "repeats", "batch_size", "cuda_graph")
-                                 if f"latency_{k}" in merged})
-    kwargs = {"trials": merged.get("trials"), "timeout_s": merged.get("timeout"), "seed": merged.get("seed"),
-              "study": merged.get("study"), "storage": merged.get("storage"), "out_dir": merged.get("out"),
-              "techniques": techniques or None, "device": merged.get("device"),
-              "disabled_plugins": disabled, "strict_plugins": merged.get("strict_plugins"),
-              "tracking_uri": merged.get("tracking_uri"), "tracking": merged.get("tracking"),
-              "experiment": merged.get("experiment"), "registered_model": merged.get("registered_model"),
-              "progress": not args.no_progress, "latency": latency, "workers": merged.get("workers"),
-              "sampler": merged.get("sampler"),
-              "trial_timeout_s": merged.get("trial_timeout"), "backend": merged.get("backend"),
-              "ray_address": merged.get("ray_address"), "cpus_per_trial": merged.get("cpus_per_trial"),
-              "gpus_per_trial": merged.get("gpus_per_trial"), "scheduler": merged.get("scheduler"),
-              "trial_memory_limit": (parse_size(merged["trial_memory_limit"], "--trial-memory-limit")
-                                     if merged.get("trial_memory_limit") is not None else None)}
-    for key, parse in (("register_min_accuracy", parse_accuracy), ("register_max_accuracy_drop", parse_accuracy_drop)):
-        if merged.get(key) is not None:  # same formats as the budgets --min-accuracy and --max-accuracy-drop
-            field = "--" + key.replace("_", "-") if getattr(args, key) is not None else f"[search] {key}"
-            kwargs[key] = parse(merged[key], field)
-    return SearchSettings(**{k: v for k, v in kwargs.items() if v is not None})
 
 
 def _task_kwargs(args) -> dict:
@@ -278,39 +172,41 @@ def _name_list(value) -> tuple[str, ...]:
 
 
 def cmd_search(args) -> int:
-    from slimforge.core.task import load_task, read_toml, task_from_table
-    from slimforge.search.budgets import Budgets
-    from slimforge.search.engine import run_search
+    from slimforge.core.task import read_toml
+    from slimforge.search.budgets import Budgets, budget_keys
+    from slimforge.search.settings import settings_from
 
+    # Everything the user typed is checked before torch loads (task building imports it).
     file_config = read_toml(args.config) if args.config else {}
     for table in file_config:
         if table not in ("task", "budgets", "search"):
             raise UnknownNameError(f"{args.config} table", table, ["task", "budgets", "search"])
     file_budgets = file_config.get("budgets", {})
-    for key in file_budgets:
-        if key not in BUDGET_KEYS:
-            raise UnknownNameError("[budgets] key", key, BUDGET_KEYS)
-    budgets = Budgets.parse(**{k: getattr(args, k) if getattr(args, k) is not None else file_budgets.get(k)
-                               for k in BUDGET_KEYS},
-                            fields={k: f"[budgets] {k}" for k in file_budgets if getattr(args, k) is None})
-    settings = _search_settings(args, file_config.get("search", {}))
+    flags = {key: getattr(args, key) for key in budget_keys() if getattr(args, key) is not None}
+    budgets = Budgets.parse(**(file_budgets | flags), fields={k: f"[budgets] {k}" for k in file_budgets if k not in flags})
+    settings = settings_from(args, file_config.get("search", {}))
+    if "task" in file_config and args.task:
+        raise ConfigError("--task and a [task] table in --config both name a task; keep one")
+
+    from slimforge.app.api import make_plugins, run_search
+    from slimforge.core.task import load_task, task_from_table
+
     if "task" in file_config:
-        if args.task:
-            raise ConfigError("--task and a [task] table in --config both name a task; keep one")
         task = task_from_table(file_config["task"], base_dir=args.config.resolve().parent, origin=str(args.config))
     else:
         task = load_task(args.task, **_task_kwargs(args))
     print(f"task {task.name}; budgets: {budgets.describe()}; {settings.trials} trials", file=sys.stderr)
-    result = run_search(task, budgets, settings)
+    plugins = make_plugins(strict=settings.strict_plugins, disabled=settings.disabled_plugins)
+    result = run_search(task, budgets, settings, plugins)
     print(format_result(result))
     print(f"\nsummary: {settings.out_dir / 'summary.json'}")
     if settings.tracking:
-        print(f"mlflow:  mlflow ui --backend-store-uri {settings.resolved(task).tracking_uri}")
+        print(f"mlflow:  mlflow ui --backend-store-uri {settings.resolved(task.name).tracking_uri}")
     return 0
 
 
 def format_result(result) -> str:
-    from slimforge.search.engine import search_summary
+    from slimforge.search.reports import search_summary
 
     s = search_summary(result.trials, result.baseline)
     stopped = f", {s['stopped_by_scheduler']} stopped by the scheduler" if s["stopped_by_scheduler"] else ""
@@ -322,9 +218,9 @@ def format_result(result) -> str:
              f"baseline: {result.baseline.accuracy:.4f} val / {result.baseline_test.accuracy:.4f} test, "
              f"{result.baseline.size_bytes / 1000:.1f} KB, {result.baseline.latency_ms:.3f} ms", ""]
     if not result.pareto:
-        from slimforge.search.feasibility import describe
+        from slimforge.search.feasibility import closest_for, describe
 
-        return "\n".join(lines + describe(result.closest_to_feasible()))
+        return "\n".join(lines + describe(closest_for(result)))
     header = f"{'trial':>5}  {'acc val':>7}  {'acc test':>8}  {'KB':>8}  {'ratio':>6}  {'ms':>7}  {'version':>7}  plan"
     lines += ["Pareto front (feasible, validation-selected):", header, "-" * len(header)]
     for r in result.pareto:
@@ -344,11 +240,8 @@ def format_result(result) -> str:
 
 def cmd_evaluate(args) -> int:
     from slimforge.core.artifact import read_artifact
-    from slimforge.core.manager import Plugins
-    from slimforge.core.measure import LatencySettings
+    from slimforge.core.measure import measure_artifact
     from slimforge.core.task import task_from_config, task_from_source
-    from slimforge.search.budgets import Budgets
-    from slimforge.search.objective import TrialRunner
 
     if not args.artifact.exists():
         raise ConfigError(f"artifact: file not found: {args.artifact}")
@@ -362,10 +255,7 @@ def cmd_evaluate(args) -> int:
             trust.trust(meta, str(args.artifact))
         trust.check(meta, str(args.artifact))  # before anything the header names is imported
         task = task_from_source(meta.get("task", {}))
-    plugins = Plugins()
-    runner = TrialRunner(task=task, plugins=plugins, budgets=Budgets(), artifact_dir=args.artifact.parent,
-                         latency=LatencySettings())
-    m = runner.measure(args.artifact, args.split)
+    m = measure_artifact(args.artifact, task=task, plugins=_plugins(args), split=args.split)
     if args.json:
         print(json.dumps(m.to_dict()))
     else:
@@ -382,7 +272,7 @@ def cmd_promote(args) -> int:
     uri = args.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
     decision = promote(args.model, args.policy, tracking_uri=uri, min_accuracy=limits.min_accuracy,
                        max_size_bytes=limits.max_size_bytes, max_latency_ms=limits.max_latency_ms, split=args.split,
-                       dry_run=args.dry_run, progress=lambda msg: print(msg, file=sys.stderr))
+                       dry_run=args.dry_run, progress=lambda msg: print(msg, file=sys.stderr), plugins=_plugins(args))
     print(f"{'version':>7}  {'acc':>7}  {'logged acc':>10}  {'bytes':>8}  {'logged bytes':>12}  {'ms':>7}  eligible")
     for c in decision.versions:
         marker = " (champion)" if c.version == decision.champion_before else ""
@@ -402,7 +292,7 @@ def cmd_worker(args) -> int:
     if args.trials is not None and args.trials < 1:
         raise ConfigError(f"--trials: must be >= 1, got {args.trials}")
     records = run_worker(storage=args.storage, study=args.study, trials=args.trials, progress=not args.no_progress,
-                         wait_s=args.wait)
+                         wait_s=args.wait)  # its plugins follow the search's stored settings
     states = [r.state for r in records]
     print(f"worker ran {len(records)} trial(s) of study {args.study}: "
           + (", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states)) or "none left to run"))
@@ -438,7 +328,7 @@ def cmd_reproduce(args) -> int:
 
     uri = args.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
     result = reproduce(args.run_id, tracking_uri=uri, config=args.config, trust_header=args.trust, out_dir=args.out,
-                       log=lambda msg: print(msg, file=sys.stderr))
+                       log=lambda msg: print(msg, file=sys.stderr), plugins=_plugins(args))
     print(f"recorded: {result.recorded_sha256}  {result.model_uri} (trial {result.trial})")
     print(f"rebuilt:  {result.rebuilt_sha256}  {result.rebuilt_path if args.out else '(temporary; keep it with --out)'}")
     print("identical" if result.identical else f"different: {result.difference}")
@@ -446,9 +336,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from slimforge.core.manager import Plugins
-
-    plugins = Plugins(strict=args.strict_plugins, disabled=_name_list(args.disable_plugins))
+    plugins = _plugins(args)
     rows = plugins.plugin_rows()
     columns = ("technique", "family", "stage", "source", "description")
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns[:-1]}

@@ -20,7 +20,7 @@ from slimforge.core.errors import ConfigError
 from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.task import Task
 from slimforge.core.technique import Technique, TechniqueRegistry, family_name, retrains_before_sharing
-from slimforge.search.space import Suggester, scoped
+from slimforge.core.space import Suggester, scoped
 
 RECOVERY_EPOCHS = (1, 3)
 RECOVERY_LR = (1e-4, 3e-3)
