@@ -53,7 +53,6 @@ def log(message: str) -> None:
 
 def plans(args, seed: int) -> dict[str, Plan]:
     """The hand-set plans of the table, for one fine-tuning seed."""
-    recovery = Recovery(epochs=args.epochs, lr=args.lr)
     return {
         "int8": Plan(steps=(PlanStep("int8_dynamic", {}),), seed=seed),
         "subint": Plan(steps=(PlanStep("weight_only_quant", {"default_bits": 4, "keep_ends_8bit": False}),), seed=seed),

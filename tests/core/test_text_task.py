@@ -24,7 +24,7 @@ TINY = "text-chargpt-tiny"
 @pytest.fixture(scope="module")
 def tiny_task(slimforge_cache_dir):
     task = load_task(TINY)
-    task.teacher  # trains once into the session cache (about 5 s on one thread)
+    _ = task.teacher  # trains once into the session cache (about 5 s on one thread)
     return task
 
 
