@@ -96,12 +96,12 @@ def from_pretrained(auto_class_name: str, path: str):
 
 
 def model_refs(section: dict[str, Any], base_dir: Path, recorded_config: dict[str, Any] | None = None):
-    """``(model_ref, architecture_ref, hf_config)`` for a ``[task]`` table with ``hf_model``.
+    """``(model, architecture, hf_config)`` for a ``[task]`` table with ``hf_model``: the first two
+    as ``(target, kwargs)`` pairs that ``core.task`` makes ``FactoryRef``s of (this module sits
+    below core.task, which imports it).
 
     ``recorded_config`` is the config a task source recorded (an artifact being evaluated): then
     the folder is not read, and only the teacher (which evaluation never builds) needs it."""
-    from slimforge.core.task import FactoryRef
-
     for key in ("hf_model", "hf_class"):
         if not isinstance(section.get(key), str) or not section[key]:
             raise ConfigError(f"[task] {key}: required with a Hugging Face model, a string "
@@ -117,8 +117,6 @@ def model_refs(section: dict[str, Any], base_dir: Path, recorded_config: dict[st
         if not path.is_dir():
             raise TaskError(f"[task] hf_model: no such folder: {path} (a folder written by save_pretrained)")
         recorded_config = config_dict(path)
-    model_ref = FactoryRef("slimforge.core.hf:from_pretrained", {"auto_class_name": section["hf_class"],
-                                                                 "path": str(path)})
-    architecture_ref = FactoryRef("slimforge.core.hf:from_config", {"auto_class_name": section["hf_class"],
-                                                                    "config": recorded_config})
-    return model_ref, architecture_ref, recorded_config
+    model = ("slimforge.core.hf:from_pretrained", {"auto_class_name": section["hf_class"], "path": str(path)})
+    architecture = ("slimforge.core.hf:from_config", {"auto_class_name": section["hf_class"], "config": recorded_config})
+    return model, architecture, recorded_config

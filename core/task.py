@@ -217,7 +217,8 @@ def task_from_table(section: dict[str, Any], base_dir: Path, origin: str,
     if hf:  # a save_pretrained folder: core.hf builds both references (and records the HF config)
         from slimforge.core import hf as hf_support
 
-        model_ref, architecture_ref, source["hf_config"] = hf_support.model_refs(section, base_dir, hf_config)
+        model, architecture, source["hf_config"] = hf_support.model_refs(section, base_dir, hf_config)
+        model_ref, architecture_ref = FactoryRef(*model), FactoryRef(*architecture)
     else:
         model_ref = FactoryRef(section["model"], dict(section.get("model_kwargs", {})))
         architecture_ref = (FactoryRef(section["architecture"], dict(section.get("architecture_kwargs", {})))
