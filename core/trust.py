@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from slimforge.core.errors import ArtifactError
+from slimforge.core.task import BUILTIN_TASKS as TASK_TABLE
 
 # Architecture factories of the built-in tasks (the only ones a built-in task source may name).
 BUILTIN_ARCHITECTURES = frozenset({
@@ -43,7 +44,8 @@ BUILTIN_ARCHITECTURES = frozenset({
     "slimforge.core.presets:preset_model",
     "slimforge.core.text_task:char_gpt",
 })
-BUILTIN_TASKS = frozenset({"mnist-lenet5", "mnist-lenet300", "torchvision", "text-chargpt", "text-chargpt-tiny"})
+# The names core.task.BUILTIN_TASKS builds, plus "torchvision" (presets record their own source).
+BUILTIN_TASKS = frozenset({*TASK_TABLE, "torchvision"})
 STORE_NAME = "trusted-tasks"
 _CONFIG_FACTORIES = ("model", "architecture", "data", "metric")
 _remembered: set[str] = set()
