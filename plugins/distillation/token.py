@@ -55,7 +55,6 @@ from slimforge.plugins.distillation.knowledge import kl_rows
 
 TAILS = ("bucket", "renormalize")
 TOP_K_CHOICES = (1, 4, 16, 64)
-MEASURED = "filled in by benchmarks/new_techniques.py"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +136,8 @@ class TopKCache:
             vocab = logits.shape[-1]
             log_probs, top = teacher_top_k(logits.reshape(-1, vocab), self.top_k, self.temperature)
             shape = logits.shape[:-1]
-            log_probs, top = log_probs.view(*shape, -1), top.view(*shape, -1)
+            # Held in host memory: the cache grows with the training split, a GPU's memory does not.
+            log_probs, top = log_probs.view(*shape, -1).cpu(), top.view(*shape, -1).cpu()
             for row, n in enumerate(missing):
                 self.entries[keys[n]] = (log_probs[row], top[row])
         log_probs, top = zip(*(self.entries[key] for key in keys), strict=True)

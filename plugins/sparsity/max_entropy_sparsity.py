@@ -29,7 +29,21 @@ Per-layer density is searched with magnitude_pruning's log-uniform prior; masks 
 after every recovery step (``MaskedTechnique``).  It cannot follow unstructured pruning: the zeros
 such a step made fill the bin around 0, and spending kept slots on them only drops real weights.
 
-Measured on the embedded MNIST LeNet-5 (``benchmarks/new_techniques.py``): see the numbers below.
+Measured on the embedded MNIST LeNet-5 (``benchmarks/new_techniques.py --only sparsity --epochs 1
+--seeds 2``): every layer at the same density, test accuracy on the 1,000 test digits, mean of 2
+fine-tuning seeds (the magnitude and max-entropy masks are deterministic; random's is seeded):
+
+    density  after          magnitude  random  max-entropy
+    0.1      mask only        0.432     0.103     0.192
+    0.1      + 1 epoch        0.919     0.648     0.800
+    0.3      mask only        0.914     0.177     0.630
+    0.3      + 1 epoch        0.972     0.862     0.953
+
+Mean kept-value entropy (32 bins over each layer's range) at density 0.1: 2.16 / 2.73 / 3.28 nats;
+artifact 164,980 / 174,954 / 172,202 B.  So it does what it is for, a much better sparse code
+than a random one at the same size (+15 and +9 points after fine-tuning), and it does **not**
+beat magnitude pruning (-12 and -2 points): the slots it gives to small weights, to cover the
+range, are slots magnitude pruning gives to large ones, and large weights matter more.
 """
 
 from __future__ import annotations
