@@ -41,8 +41,28 @@ Defaults: alpha 1 (hints with the label loss, as FitNets' second term is; KD on 
 ``knowledge_distillation``'s job and a plan holds one distillation technique), beta 1, one hint at
 depth 1 (the deepest feature point: on LeNet-5, fc1).
 
-Measured on the embedded MNIST LeNet-5: see ``benchmarks/new_techniques.py`` and the numbers
-below.
+Measured on the embedded MNIST LeNet-5 (``benchmarks/new_techniques.py --only distillation``):
+every layer magnitude-pruned to 10 % density, then recovery at lr 1e-3, test accuracy on the 1,000
+test digits, mean of 2 seeds (one run's standard error at 96 % is about 0.6 points):
+
+    recovery loss                         2 epochs   5 epochs
+    CE only (no distillation)              0.935      0.963
+    knowledge_distillation (a 0.5, T 4)    0.918      0.957
+    hint (defaults: CE + 1.0 x fc1 hint)   0.935      0.955
+    hint at conv1, conv2, fc1              -          0.957
+    the same with beta 10                  -          0.944
+    hint + KD (alpha 0.5)                  0.916      -
+
+Into a narrower student (parameter_distillation at width 0.3, regressors widening 6->20, 15->50,
+150->500; ``--student 0.3 --epochs 5``): CE only 0.9645, KD (alpha 0.1) 0.9650, hints at conv1,
+conv2, fc1 0.9590, the same + KD (alpha 0.1) 0.9615.
+
+So on this task **hints do not beat plain fine-tuning**, and neither does logit KD: a pruned
+LeNet-5 still holds most of the teacher's function, 3,000 labelled digits are enough to recover
+it, and every distillation term slows the label loss down.  A large hint weight (10) clearly hurts.
+FitNets' gains were for thin, deep students trained from scratch; what this measures is the
+pruned-and-fine-tuned case only.  A teacher forward per batch is the cost (per-epoch times on the
+loaded 2-core machine ranged 9-22 s across arms, too noisy to state the overhead).
 """
 
 from __future__ import annotations

@@ -34,10 +34,14 @@ On a plain classifier the technique works unchanged (a "token" is an example), s
 not exclude it there; it shares the ``distillation`` family with ``knowledge_distillation`` and
 ``hint_distillation``, so a plan holds at most one of them.
 
-Measured on the embedded MNIST LeNet-5 after 90 % magnitude pruning, 3 recovery epochs at
-lr 1e-3, test accuracy, mean of 2 seeds (``benchmarks/new_techniques.py``): see the numbers in
-``MEASURED`` below; on 10 classes a top-3 teacher loses nothing against full KD, which is the
-expected result (the tail of a 10-way softmax is small), not evidence about large vocabularies.
+Measured on the embedded MNIST LeNet-5 (``benchmarks/new_techniques.py --only distillation``):
+every layer magnitude-pruned to 10 % density, recovery at lr 1e-3, test accuracy on the 1,000
+test digits, mean of 2 seeds: top-3 token KD (alpha 0.5, T 4) 0.914 after 2 epochs and 0.951
+after 5, against full-softmax ``knowledge_distillation`` at the same alpha and T 0.918 / 0.957 and
+no distillation 0.935 / 0.963.  So truncating a 10-way teacher to 3 entries costs about half a
+point (within two runs' noise), and on this task no KD variant beats the label loss alone.  This
+is a classifier with 10 outputs; it says nothing yet about a large vocabulary, where the cache
+size is the point (to be measured on the embedded sequence task).
 """
 
 from __future__ import annotations
