@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import typing
-from dataclasses import dataclass, field
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from slimforge.core.errors import ConfigError, PluginError, UnknownNameError

@@ -141,8 +141,11 @@ def call_order(model: nn.Module, names: list[str], inputs: torch.Tensor) -> list
     """``names`` sorted by when their module first runs in a forward pass; unused ones dropped."""
     modules = dict(model.named_modules())
     seen: list[str] = []
-    handles = [modules[name].register_forward_hook(lambda m, a, o, name=name: seen.append(name) if name not in seen else None)
-               for name in names]
+
+    def record(name):
+        return lambda module, args, output: seen.append(name) if name not in seen else None
+
+    handles = [modules[name].register_forward_hook(record(name)) for name in names]
     try:
         with torch.no_grad():
             model(inputs)
@@ -154,7 +157,8 @@ def call_order(model: nn.Module, names: list[str], inputs: torch.Tensor) -> list
 
 def hint_positions(count: int, config: HintDistillationConfig) -> list[int]:
     """Indices into ``count`` candidates of the hint points: relative depths depth * i / points."""
-    return sorted({max(0, math.ceil(config.depth * i / config.points * count) - 1) for i in range(1, config.points + 1)})
+    depths = (config.depth * i / config.points for i in range(1, config.points + 1))
+    return sorted({max(0, math.ceil(depth * count) - 1) for depth in depths})
 
 
 def pair_points(teacher_points: list[str], teacher_blocks: bool, student: nn.Module,
@@ -278,6 +282,10 @@ class HintState:
         return logits, captured
 
 
+def _other_dims(feature: torch.Tensor, dim: int) -> list[int]:
+    return [n for i, n in enumerate(feature.shape) if i != dim]
+
+
 def _calibration_inputs(ctx: TechniqueContext, device) -> torch.Tensor:
     dataset = ctx.task.calibration
     return torch.stack([dataset[i][0] for i in range(min(CALIBRATION_EXAMPLES, len(dataset)))]).to(device)
@@ -286,8 +294,8 @@ def _calibration_inputs(ctx: TechniqueContext, device) -> torch.Tensor:
 def _capture_once(model: nn.Module, names: list[str], inputs: torch.Tensor) -> dict[str, torch.Tensor]:
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
-    handles = [modules[name].register_forward_hook(lambda m, a, o, name=name: captured.setdefault(name, first_tensor(o)))
-               for name in names]
+    handles = [modules[name].register_forward_hook(
+        lambda m, a, o, name=name: captured.setdefault(name, first_tensor(o))) for name in names]
     was_training = model.training
     model.eval()
     try:
@@ -336,19 +344,20 @@ class HintDistillation(Technique):
                             hint_positions(len(teacher_points), config)) if teacher_points else []
         teacher_features = _capture_once(teacher, [t for t, _ in pairs], inputs)
         student_features = _capture_once(model, [s for _, s in pairs if s], inputs)
-        student_modules = dict(model.named_modules())
         for teacher_name, student_name in pairs:
             if student_name is None:
-                ctx.note(f"hint_distillation: teacher point {teacher_name!r} has no student module of that name; skipped")
+                ctx.note(f"hint_distillation: teacher point {teacher_name!r} has no student module of that name; "
+                         "skipped")
                 continue
             t, s = teacher_features[teacher_name], student_features[student_name]
             dim = channel_dim(t, dict(teacher.named_modules())[teacher_name])
-            if t.dim() != s.dim() or [n for i, n in enumerate(t.shape) if i != dim] != [n for i, n in enumerate(s.shape) if i != dim]:
+            if t.dim() != s.dim() or _other_dims(t, dim) != _other_dims(s, dim):
                 ctx.note(f"hint_distillation: {student_name!r} features {tuple(s.shape)} and teacher {teacher_name!r} "
                          f"features {tuple(t.shape)} differ beyond width; skipped")
                 continue
             regressor = Regressor(s.shape[dim], t.shape[dim], dim).to(device)
-            rows = torch.randperm(as_rows(s, dim).shape[0], generator=torch.Generator().manual_seed(ctx.seed))[:MAX_FIT_ROWS]
+            generator = torch.Generator().manual_seed(ctx.seed)
+            rows = torch.randperm(as_rows(s, dim).shape[0], generator=generator)[:MAX_FIT_ROWS]
             regressor.fit(as_rows(s, dim)[rows.to(device)], as_rows(t, dim)[rows.to(device)])
             points.append(HintPoint(teacher_name, student_name, dim, regressor))
         ctx.state["hints"] = HintState(teacher, points, model)
@@ -367,7 +376,8 @@ class HintDistillation(Technique):
         hints: HintState = ctx.state["hints"]
         teacher_logits, teacher_features = hints.teacher_forward(batch.inputs)
         if config.alpha < 1.0:
-            loss = config.alpha * loss + (1.0 - config.alpha) * kl_term(batch.outputs, teacher_logits, config.temperature)
+            kd = kl_term(batch.outputs, teacher_logits, config.temperature)
+            loss = config.alpha * loss + (1.0 - config.alpha) * kd
         if not hints.points:
             return loss
         terms = []

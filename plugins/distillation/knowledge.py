@@ -42,8 +42,8 @@ class KnowledgeDistillationConfig:
 def kl_rows(log_p_teacher: torch.Tensor, log_p_student: torch.Tensor) -> torch.Tensor:
     """KL(p_teacher || p_student) of each row of two ``(M, K)`` tensors of log-probabilities.
 
-    An outcome the teacher gives probability exactly 0 adds 0 (not NaN from 0 * -inf), so a
-    truncated teacher distribution (``token_distillation``'s top-k with an empty tail) is safe."""
+    An outcome whose teacher probability is exactly 0 (log-probability -inf, e.g. a top-k tail
+    bucket that holds no mass) adds 0 instead of NaN from 0 * (-inf - -inf)."""
     p_teacher = log_p_teacher.exp()
     pointwise = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0)
     return pointwise.sum(dim=-1)

@@ -71,7 +71,8 @@ class TokenDistillationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"token_distillation.alpha: must be in [0, 1], got {self.alpha!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ConfigError(f"token_distillation.temperature: must be > 0, got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"token_distillation.top_k: must be an integer >= 1, got {self.top_k!r}")
@@ -177,9 +178,10 @@ class TokenDistillation(Technique):
         log_probs, indices = cache.lookup(batch.inputs, batch.indices)
         vocab = batch.outputs.shape[-1]
         counted = batch.targets.reshape(-1) != IGNORE_INDEX
-        term = top_k_kl(batch.outputs.reshape(-1, vocab), log_probs.reshape(-1, log_probs.shape[-1]).to(batch.outputs.device),
-                        indices.reshape(-1, indices.shape[-1]).to(batch.outputs.device), config.temperature,
-                        config.tail, counted.to(batch.outputs.device))
+        device = batch.outputs.device
+        term = top_k_kl(batch.outputs.reshape(-1, vocab), log_probs.reshape(-1, log_probs.shape[-1]).to(device),
+                        indices.reshape(-1, indices.shape[-1]).to(device), config.temperature, config.tail,
+                        counted.to(device))
         return config.alpha * loss + (1.0 - config.alpha) * term
 
 

@@ -73,7 +73,8 @@ class MaxEntropySparsityConfig:
         for layer, value in {**self.sparsity, "default_sparsity": self.default_sparsity}.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ConfigError(f"max_entropy_sparsity.sparsity[{layer!r}]: must be in [0, 1), got {value!r}")
-        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or not BINS_RANGE[0] <= self.bins <= BINS_RANGE[1]:
+        low, high = BINS_RANGE
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or not low <= self.bins <= high:
             raise ConfigError(f"max_entropy_sparsity.bins: must be an integer in {BINS_RANGE[0]}..{BINS_RANGE[1]}, "
                               f"got {self.bins!r}")
 
