@@ -270,8 +270,10 @@ class HintState:
         """Teacher logits and features at the hint points for one batch (eval, no grad)."""
         modules = dict(self.teacher.named_modules())
         captured: dict[str, torch.Tensor] = {}
+        # The last call's output, as the student's hook keeps: a module called twice per forward
+        # is compared at the same call on both sides.
         handles = [modules[p.teacher].register_forward_hook(
-            lambda m, a, o, name=p.teacher: captured.setdefault(name, first_tensor(o))) for p in self.points]
+            lambda m, a, o, name=p.teacher: captured.__setitem__(name, first_tensor(o))) for p in self.points]
         try:
             self.teacher.to(inputs.device).eval()
             with torch.no_grad():
@@ -295,7 +297,7 @@ def _capture_once(model: nn.Module, names: list[str], inputs: torch.Tensor) -> d
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
     handles = [modules[name].register_forward_hook(
-        lambda m, a, o, name=name: captured.setdefault(name, first_tensor(o))) for name in names]
+        lambda m, a, o, name=name: captured.__setitem__(name, first_tensor(o))) for name in names]
     was_training = model.training
     model.eval()
     try:
