@@ -2,6 +2,8 @@
 
 Techniques contribute through hooks of the ``Technique`` contract:
 - ``training_loss`` transforms the loss (knowledge distillation mixes in its term);
+- ``recovery_parameters`` adds tensors to the optimizer that are not the model's (hint
+  distillation's regressors: trained here, never saved, since the artifact is the model's state_dict);
 - ``after_optimizer_step`` re-imposes constraints (pruning masks, N:M patterns, shared codebooks).
 
 Multi-fidelity: after each epoch the model is scored on validation data and ``should_stop`` may end
@@ -110,7 +112,7 @@ def recover(model: nn.Module, applied: Sequence[AppliedStep], train_set, recover
     model.to(device)
     if score is not None:
         log.score_before = score(model)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recovery.lr)
+    optimizer = torch.optim.Adam(_trainable(model, applied), lr=recovery.lr)
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recovery.epochs * steps_per_epoch)
     teacher_outputs = teacher_outputs or TeacherOutputs(_missing_teacher(), train_set)
@@ -144,6 +146,18 @@ def recover(model: nn.Module, applied: Sequence[AppliedStep], train_set, recover
     model.eval()
     log.seconds = time.perf_counter() - started
     return log
+
+
+def _trainable(model: nn.Module, applied: Sequence[AppliedStep]) -> list[torch.Tensor]:
+    """The model's trainable parameters, then each technique's ``recovery_parameters``; a tensor
+    listed twice is optimised once (Adam would otherwise step it twice)."""
+    tensors, seen = [], set()
+    extra = (p for step in applied for p in step.technique.recovery_parameters(model, step.config, step.ctx))
+    for p in (*model.parameters(), *extra):
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            tensors.append(p)
+    return tensors
 
 
 class _missing_teacher(nn.Module):

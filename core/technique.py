@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -100,7 +101,10 @@ class Technique:
     """Base class of every compression technique, built-in or third-party.
 
     Subclasses set ``name``, ``family``, ``stage`` and ``Config`` (a frozen, keyword-only dataclass
-    whose ``__post_init__`` validates), and implement ``suggest`` and ``apply``.
+    whose ``__post_init__`` validates), and implement ``suggest`` and ``apply``.  Optional
+    recovery-training hooks: ``training_loss`` (change the loss), ``recovery_parameters`` (extra
+    trainable tensors that are not part of the model, e.g. a distillation regressor) and
+    ``after_optimizer_step`` (re-impose a constraint).
     """
 
     name: ClassVar[str]
@@ -147,6 +151,14 @@ class Technique:
         what earlier techniques made of it).  ``batch`` is a ``core.recovery.TrainingBatch``.
         Distillation mixes in its term here.  Default: unchanged."""
         return loss
+
+    def recovery_parameters(self, model: nn.Module, config: Any, ctx: TechniqueContext) -> Iterable[torch.Tensor]:
+        """Extra tensors recovery training should optimise besides ``model.parameters()``, e.g.
+        the feature regressors of hint distillation.  They live in ``ctx`` (never in the model),
+        so they are trained but not saved: the artifact is the model's state_dict.  Called once
+        per ``recover`` call, after the model is on the training device; a technique moves its
+        tensors there itself.  Default: none."""
+        return ()
 
     # --- artifact --------------------------------------------------------------------------------
     def restore_structure(

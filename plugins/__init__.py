@@ -3,6 +3,8 @@
 BUILTIN_PLUGINS = (
     "slimforge.plugins.distillation.student",
     "slimforge.plugins.distillation.knowledge",
+    "slimforge.plugins.distillation.token",
+    "slimforge.plugins.distillation.hint",
     "slimforge.plugins.pruning.magnitude",
     "slimforge.plugins.pruning.gradient",
     "slimforge.plugins.pruning.fisher",
@@ -12,6 +14,7 @@ BUILTIN_PLUGINS = (
     "slimforge.plugins.quantization.int8_dynamic",
     "slimforge.plugins.sparsity.random_sparsity",
     "slimforge.plugins.sparsity.nm_sparsity",
+    "slimforge.plugins.sparsity.max_entropy_sparsity",
     "slimforge.plugins.factorization.low_rank",
     "slimforge.plugins.sharing.kmeans",
     "slimforge.plugins.sharing.cosine_merge",

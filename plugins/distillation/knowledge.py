@@ -39,13 +39,23 @@ class KnowledgeDistillationConfig:
             raise ConfigError(f"knowledge_distillation.term: unknown {self.term!r}; valid choices: {', '.join(TERMS)}")
 
 
+def kl_rows(log_p_teacher: torch.Tensor, log_p_student: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student) of each row of two ``(M, K)`` tensors of log-probabilities.
+
+    An outcome whose teacher probability is exactly 0 (log-probability -inf, e.g. a top-k tail
+    bucket that holds no mass) adds 0 instead of NaN from 0 * (-inf - -inf)."""
+    p_teacher = log_p_teacher.exp()
+    pointwise = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0)
+    return pointwise.sum(dim=-1)
+
+
 def kl_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton's soft-target loss: KL(p_teacher || p_student) at temperature T, times T**2, averaged
     over predictions: per example for a classifier, per token for sequence logits ``(N, T, V)``."""
     classes = student_logits.shape[-1]
     log_p_student = F.log_softmax(student_logits.reshape(-1, classes) / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.reshape(-1, classes) / temperature, dim=1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
+    return kl_rows(log_p_teacher, log_p_student).mean() * temperature**2
 
 
 def mse_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
