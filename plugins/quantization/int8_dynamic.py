@@ -1,15 +1,32 @@
-"""Dynamic int8 quantization of Linear layers with real int8 kernels (torch.ao eager mode).
+"""Dynamic int8 quantization with real int8 kernels (torch.ao eager mode), on every weight site
+torch.ao has a dynamic kernel for.
 
-``torch.ao.quantization.quantize_dynamic`` swaps every ``nn.Linear`` for
-``torch.ao.nn.quantized.dynamic.Linear``: int8 weights (symmetric, per output channel or per
-tensor) packed for the x86 (fbgemm) kernels; activations are quantized to uint8 at run time from
-each batch's own min/max, so no calibration data is needed.  Convolutions stay float32 (torch.ao
-has no dynamic conv kernels on x86); ``apply`` notes how many.
+- ``nn.Linear`` -> ``torch.ao.nn.quantized.dynamic.Linear``: int8 weights (symmetric, per output
+  channel or per tensor) packed for the x86 (fbgemm) kernels; activations are quantized to uint8 at
+  run time from each batch's own min/max, so no calibration data is needed.
+- ``nn.MultiheadAttention``: its packed ``in_proj_weight`` and ``out_proj`` are read as tensors by
+  its forward, so it is first swapped for ``int8_sites.ProjectedMultiheadAttention`` (same
+  computation, separate q/k/v/out Linears; its parent ``nn.TransformerEncoderLayer`` keeps calling
+  it), whose four projections then become dynamic int8 Linears.  Scores and softmax stay float32.
+- Hugging Face ``Conv1D`` (GPT-2) -> the equivalent ``nn.Linear`` (weight transposed) -> int8.
+- ``nn.GRU`` / ``nn.LSTM`` -> torch.ao's dynamic int8 GRU/LSTM (int8 ``weight_ih``/``weight_hh``),
+  stored through ``int8_sites.PortableCellParams``.  ``nn.RNN``, ``bias=False`` and LSTM
+  ``proj_size`` have no torch.ao kernel: noted, kept float32.
+- ``nn.Embedding`` -> torch.ao's 8-bit Embedding (quint8 rows, a float scale and zero point per
+  row; weight-only: a lookup has no activation).  ``weight_granularity`` does not apply to it.
+- A table tied to an lm head (GPT-2): the head becomes a dynamic int8 Linear and the embedding an
+  ``int8_sites.Int8TiedEmbedding`` that reads its rows from the head's int8 weight, so the table is
+  stored once at 1 byte per weight -- less than two int8 copies or the float32 table kept tied;
+  the note gives the bytes.
+- Convolutions stay float32 (torch.ao has no dynamic conv kernels on x86), and so do plain
+  parameters no layer owns (a learned position tensor): each is a note.
 
 Because the activation range is taken per batch, one sample's output can depend slightly on the
 other samples of its batch: accuracy measured on large evaluation batches can differ a little from
-batch-1 serving.  The state_dict holds each layer's ``_packed_params._packed_params`` tuple (int8
-weight qtensor, float bias), which the artifact codec stores natively.
+batch-1 serving.  The state_dict holds each Linear's ``_packed_params._packed_params`` tuple (int8
+weight qtensor, float bias), which the artifact codec stores natively.  ``ctx.structure`` names the
+modules converted beyond plain Linear layers (empty for a CNN/MLP, as in artifacts written before
+weight sites, which still rebuild Linear-only).
 
 Like ``int8_ptq``, this uses the deprecated torch.ao eager flow on purpose: the loaded module is
 the measured one, with no compile step in between.

@@ -1,13 +1,34 @@
-"""Static int8 post-training quantization with real int8 kernels (torch.ao FX graph mode).
+"""Static int8 post-training quantization with real int8 kernels (torch.ao, x86 kernels).
 
 Weights: int8, per-channel symmetric.  Activations: uint8, per-tensor, calibrated on the task's
-calibration data.  ``convert_fx`` swaps Conv/Linear for ``torch.ao.nn.quantized`` modules that call
-the x86 (fbgemm/oneDNN) int8 kernels, so the latency we time is int8 compute, not fake-quant.
+calibration data.  The quantized modules call the x86 (fbgemm/oneDNN) int8 kernels, so the latency
+we time is int8 compute, not fake-quant.  Where the model can be traced, torch.fx graph mode
+(``prepare_fx`` / ``convert_fx``) quantizes the whole graph, fusing Conv/Linear with their ReLUs
+and keeping activations int8 between int8 ops; where it cannot, static int8 still reaches every
+Linear/Conv, one layer at a time:
+
+- FX tracing fails (Hugging Face models: ``co_varnames is too small``, data-dependent slicing):
+  each Linear/Conv is wrapped in torch.ao's eager ``QuantWrapper`` -- a calibrated quantize, the
+  static int8 kernel (int8 output with a calibrated scale), a dequantize -- calibrated in one pass
+  over the calibration batches.  Activations between layers stay float32; the note says so.
+- FX traces but keeps a torch.nn module whole (``nn.TransformerEncoder`` is a leaf to FX, so its
+  attention and FFN would stay float): the Linears left inside get the same per-layer treatment.
+- ``nn.MultiheadAttention`` is first swapped for ``int8_sites.ProjectedMultiheadAttention``
+  (separate q/k/v/out Linears), Hugging Face ``Conv1D`` for the equivalent ``nn.Linear``.
+- Embedding tables have no activation to quantize: torch.ao's 8-bit weight-only Embedding (per-row
+  scale and zero point); a table tied to an lm head is read from the head's int8 weight and stored
+  once (``int8_sites.Int8TiedEmbedding``).
+- torch.ao has no static int8 GRU/LSTM: those get dynamic int8 (int8 weights, activations quantized
+  per step), with a note.  Anything left float32 (``nn.RNN``, a plain position parameter) is a note.
+
+A CNN or MLP that traces whole is quantized exactly as before (same modules, same artifact bytes,
+empty ``ctx.structure``); otherwise ``ctx.structure`` records whether FX traced and which modules
+were converted, so ``restore_structure`` rebuilds the same modules.
 
 torch.ao.quantization is deprecated in favour of torchao's PT2E flow; on CPU the PT2E flow needs
 torch.compile/inductor lowering to reach int8 kernels, which would make the measured model differ
-from the saved one.  FX mode gives an eager module that *is* the artifact, so it stays until the
-replacement gives the same property.
+from the saved one.  The eager/FX modules *are* the artifact, so they stay until the replacement
+gives the same property.
 """
 
 from __future__ import annotations

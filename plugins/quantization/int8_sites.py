@@ -341,7 +341,7 @@ class PortableCellParams(nn.Module):
     def _parts(self) -> tuple[dict[str, torch.Tensor], bool]:
         _, _, _, longs, packed = self.param.__getstate__()[0]
         (w_ih, b_ih), (w_hh, b_hh) = (p.__getstate__()[0] for p in packed)
-        return dict(weight_ih=w_ih, bias_ih=b_ih, weight_hh=w_hh, bias_hh=b_hh), bool(longs[0])
+        return {"weight_ih": w_ih, "bias_ih": b_ih, "weight_hh": w_hh, "bias_hh": b_hh}, bool(longs[0])
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         parts, reduce_range = self._parts()
