@@ -216,7 +216,7 @@ class Int8PTQ(Technique):
             model, traced = _convert(prepared), True
         except Exception as exc:  # noqa: BLE001 - any tracing failure: quantize layer by layer instead
             traced = False
-            ctx.note(f"int8_ptq: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
+            ctx.note(f"int8_ptq: torch.fx cannot quantize {type(model).__name__} as one graph ({type(exc).__name__}: "
                      f"{(str(exc).splitlines() or [''])[0][:120]}); each Linear/Conv is quantized on its own "
                      f"instead (eager torch.ao: calibrated quantize -> static int8 kernel -> dequantize), so the "
                      f"activations between layers stay float32")

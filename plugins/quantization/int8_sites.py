@@ -275,7 +275,9 @@ def quantizable_embeddings(model: nn.Module, tied: dict[str, str]) -> tuple[list
         if site.kind != SiteKind.EMBEDDING or site.module in tied:
             continue
         module = site.owner(model)
-        if type(module) is not nn.Embedding or site.is_derived(model):
+        if site.is_derived(model):
+            notes.append(f"{site.name} stays as an earlier step re-expressed it (not a plain table to quantize)")
+        elif type(module) is not nn.Embedding:
             notes.append(f"{site.name} stays float32: {type(module).__name__} is not a plain nn.Embedding")
         elif module.max_norm is not None:
             notes.append(f"{site.name} stays float32: max_norm renormalises rows on lookup")

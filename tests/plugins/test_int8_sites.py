@@ -1,6 +1,8 @@
 """int8 on every weight site: the float32 conversions are equivalent to the modules they replace,
 and the int8 modules they open up store and reload through the artifact."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -188,3 +190,5 @@ def test_tied_table_is_stored_once_as_the_heads_int8_weight():
     rows = model.transformer.wte(ids)
     assert torch.equal(rows[0], model.lm_head.weight().dequantize()[ids[0]])
     torch.testing.assert_close(rows[0], table[ids[0]], atol=float(table.abs().max()) / 127, rtol=0)
+    copied = copy.deepcopy(model)  # trials copy models: the copy's lookup must read the copy's head
+    assert copied.transformer.wte._head[0] is copied.lm_head
