@@ -224,6 +224,19 @@ def site_setting(site: WeightSite, settings: dict[str, float]):
     return None
 
 
+def site_sparsity(site: WeightSite, config, ctx: TechniqueContext, technique: str) -> float:
+    """The sparsity an unstructured mask technique's ``config`` (``sparsity`` per site,
+    ``default_sparsity``) sets for ``site``.  A position embedding is not searched, so without a
+    setting of its own it stays dense, and the notes say so."""
+    value = site_setting(site, config.sparsity)
+    if value is not None:
+        return value
+    if site.role == "position_embedding" and not config.default_sparsity:
+        ctx.note(f"{technique}: position embedding {site_label(site)} left dense: not searched "
+                 f"(a small table every token reads); name it in sparsity to prune it")
+    return config.default_sparsity
+
+
 # --- bit packing: sub-byte codes (k-means indices, 4/2-bit weights) stored at their real width --
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:

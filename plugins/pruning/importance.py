@@ -55,8 +55,7 @@ from slimforge.core.errors import ConfigError
 from slimforge.core.outputs import task_loss
 from slimforge.core.sites import weight_sites
 from slimforge.core.technique import Family, Stage, TechniqueContext
-from slimforge.plugins.common import (MaskedTechnique, apply_masks, density_sites, keep_top, mask_sites, site_label,
-                                      site_setting, site_setting_keys, unmatched_settings)
+from slimforge.plugins.common import (MaskedTechnique, apply_masks, density_sites, keep_top, mask_sites, site_setting_keys, site_sparsity, unmatched_settings)
 
 CRITERIA = ("magnitude", "taylor", "fisher")
 SCORE_BATCH_SIZE = 64
@@ -216,12 +215,7 @@ class UnstructuredPruning(MaskedTechnique):
             ctx.note(f"{self.name}: layer {name!r} not found in the model; ignored")
         sparsity = {}
         for name, site in mask_sites(model, ctx, self.name).items():
-            value = site_setting(site, config.sparsity)
-            if value is None:
-                value = config.default_sparsity
-                if site.role == "position_embedding" and not value:
-                    ctx.note(f"{self.name}: position embedding {site_label(site)} left dense: not searched "
-                             f"(a small table every token reads); name it in sparsity to prune it")
+            value = site_sparsity(site, config, ctx, self.name)
             if value > 0:
                 sparsity[name] = value
         scores = {}

@@ -56,7 +56,9 @@ from torch import nn
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.technique import Family, Stage, TechniqueContext
-from slimforge.plugins.common import MaskedTechnique, apply_masks, setting_for, unmatched_settings, weight_layers
+from slimforge.core.sites import weight_sites
+from slimforge.plugins.common import (MaskedTechnique, apply_masks, density_sites, mask_sites, site_setting_keys,
+                                      site_sparsity, unmatched_settings)
 from slimforge.plugins.pruning.magnitude import DENSITY_RANGE
 
 BINS_RANGE = (2, 4096)
@@ -156,26 +158,20 @@ class MaxEntropySparsity(MaskedTechnique):
                    "(tails whole, even sample of the rest); per-layer density searched.")
 
     def suggest(self, space, task) -> MaxEntropySparsityConfig:
-        sparsity = {name: round(1.0 - space.suggest_float(f"density.{name}", *DENSITY_RANGE, log=True), 3)
-                    for name in self.layers(task.teacher)}
+        sparsity = {site.setting_key: round(1.0 - space.suggest_float(f"density.{site.setting_key}", *DENSITY_RANGE,
+                                                                      log=True), 3)
+                    for site in density_sites(task.teacher).values()}
         return MaxEntropySparsityConfig(sparsity=sparsity)
 
-    @staticmethod
-    def layers(model: nn.Module) -> dict[str, nn.Module]:
-        """The layers whose ``weight`` gets a mask; the one place that decides which (random_sparsity's
-        set today, so a port to weight sites changes this method only)."""
-        return weight_layers(model)
-
     def apply(self, model: nn.Module, config: MaxEntropySparsityConfig, ctx: TechniqueContext) -> nn.Module:
-        layers = self.layers(model)
-        for name in unmatched_settings(config.sparsity, layers):
+        for name in unmatched_settings(config.sparsity, dict.fromkeys(site_setting_keys(weight_sites(model)))):
             ctx.note(f"max_entropy_sparsity: layer {name!r} not found in the model; ignored")
         masks = {}
-        for name, layer in layers.items():
-            sparsity = setting_for(name, config.sparsity)
-            sparsity = config.default_sparsity if sparsity is None else sparsity
+        for name, site in mask_sites(model, ctx, self.name).items():
+            sparsity = site_sparsity(site, config, ctx, self.name)
             if sparsity > 0:
-                weight = layer.weight
+                # The value histogram is of the whole matrix, so the stored layout is as good as the logical one.
+                weight = site.tensor(model)
                 masks[name] = max_entropy_mask(weight.reshape(weight.shape[0], -1), 1.0 - sparsity,
                                                config.bins).view_as(weight)
         apply_masks(model, masks, ctx)

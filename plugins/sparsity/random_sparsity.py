@@ -25,8 +25,7 @@ from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.sites import weight_sites
 from slimforge.core.technique import Family, Stage, TechniqueContext
-from slimforge.plugins.common import (MaskedTechnique, apply_masks, density_sites, keep_top, mask_sites, site_label,
-                                      site_setting, site_setting_keys, unmatched_settings)
+from slimforge.plugins.common import (MaskedTechnique, apply_masks, density_sites, keep_top, mask_sites, site_setting_keys, site_sparsity, unmatched_settings)
 
 # Same prior as magnitude_pruning, so both searches spend their trials at the same sizes.
 from slimforge.plugins.pruning.magnitude import DENSITY_RANGE
@@ -71,12 +70,7 @@ class RandomSparsity(MaskedTechnique):
             ctx.note(f"random_sparsity: layer {name!r} not found in the model; ignored")
         masks = {}
         for index, (name, site) in enumerate(mask_sites(model, ctx, self.name).items()):
-            sparsity = site_setting(site, config.sparsity)
-            if sparsity is None:
-                sparsity = config.default_sparsity
-                if site.role == "position_embedding" and not sparsity:
-                    ctx.note(f"random_sparsity: position embedding {site_label(site)} left dense: not searched "
-                             f"(a small table every token reads); name it in sparsity to prune it")
+            sparsity = site_sparsity(site, config, ctx, self.name)
             if sparsity > 0:
                 weight = site.tensor(model)
                 masks[name] = random_mask(weight.shape, sparsity, ctx.seed + index).to(weight.device)
