@@ -187,7 +187,9 @@ class TechniqueConformance:
 
     technique: ClassVar[str]
     extra_plugins: ClassVar[tuple[Any, ...]] = ()
-    architectures: ClassVar[tuple[str, ...]] = TINY_ARCHITECTURES
+    # Every weight kind a user's model brings: a CNN and an MLP, a torch transformer encoder, HF BERT,
+    # GPT-2 and a Llama-style decoder, a GRU.  A plugin for one kind of model may narrow this.
+    architectures: ClassVar[tuple[str, ...]] = ALL_ARCHITECTURES
     suggest_seeds: ClassVar[tuple[int, ...]] = (0, 1, 2)
 
     # --- helpers ---------------------------------------------------------------------------------

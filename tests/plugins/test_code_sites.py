@@ -17,7 +17,7 @@ from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.recovery import AppliedStep, TeacherOutputs, recover
 from slimforge.core.sites import derived_of, weight_sites
 from slimforge.core.technique import TechniqueContext
-from slimforge.core.testing import ALL_ARCHITECTURES, TechniqueConformance, tiny_task
+from slimforge.core.testing import tiny_task
 from slimforge.plugins.common import replaceable_layer, site_order
 from slimforge.plugins.quantization.weight_only import (QuantizedWeight, WeightOnlyQuant, WeightOnlyQuantConfig,
                                                         WeightOnlyQuantized, quantize_rows)
@@ -27,17 +27,6 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 ARCH = "slimforge.core.testing:"
-
-
-class TestCodeStoringConformanceOnAllArchitectures(TechniqueConformance):
-    """The kit on the sequence architectures too (the kit's default is the CNN and MLP)."""
-
-    architectures = ALL_ARCHITECTURES
-    suggest_seeds = (0, 1)
-
-    @pytest.fixture(autouse=True, params=["weight_only_quant", "kmeans_clustering"])
-    def _select(self, request):
-        self.technique = request.param
 
 
 def _apply(technique, config, architecture):

@@ -12,7 +12,7 @@ from slimforge.core.errors import ConfigError
 from slimforge.core.manager import Plugins
 from slimforge.core.plan import Plan, PlanStep
 from slimforge.core.technique import TechniqueContext
-from slimforge.core.testing import ALL_ARCHITECTURES, TINY_ARCHITECTURES, TechniqueConformance, tiny_task
+from slimforge.core.testing import TINY_ARCHITECTURES, tiny_task
 from slimforge.plugins.sharing.cosine_merge import CosineMerge, CosineMergeConfig, find_chains, plan_merges
 
 MERGE = CosineMerge()
@@ -153,11 +153,3 @@ def test_a_gelu_encoder_layer_ffn_is_noted():
 
     mergeable, reasons = encoder_ffns(model)
     assert mergeable == [] and "GELU(c x) != c GELU(x)" in reasons["0.linear1"]
-
-
-class TestCosineMergeConformanceOnAllArchitectures(TechniqueConformance):
-    """The kit on the sequence architectures too (the kit's default is the CNN and MLP)."""
-
-    technique = "cosine_merge"
-    architectures = ALL_ARCHITECTURES
-    suggest_seeds = (0, 1)

@@ -10,7 +10,7 @@ from slimforge.core.compressed import load_model, save_model
 from slimforge.core.errors import ConfigError
 from slimforge.core.manager import Plugins
 from slimforge.core.plan import Plan, PlanStep
-from slimforge.core.testing import ALL_ARCHITECTURES, TechniqueConformance, compress, tiny_task
+from slimforge.core.testing import compress, tiny_task
 from slimforge.plugins.quantization.int8_dynamic import Int8Dynamic, Int8DynamicConfig
 
 QSCHEME = {"per_channel": torch.per_channel_affine, "per_tensor": torch.per_tensor_affine}
@@ -164,10 +164,3 @@ def test_artifacts_from_before_weight_sites_still_load(tmp_path):
     x = task.split("val")[:][0][:16]
     with torch.inference_mode():
         assert torch.equal(legacy(x), loaded(x))
-
-
-class TestInt8DynamicConformance(TechniqueConformance):
-    """The conformance contract on every architecture, sequence models included."""
-
-    technique = "int8_dynamic"
-    architectures = ALL_ARCHITECTURES

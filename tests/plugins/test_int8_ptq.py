@@ -12,7 +12,7 @@ from slimforge.core.compressed import load_model, save_model
 from slimforge.core.manager import Plugins
 from slimforge.core.outputs import logits_of
 from slimforge.core.plan import Plan, PlanStep
-from slimforge.core.testing import ALL_ARCHITECTURES, TechniqueConformance, compress, tiny_task
+from slimforge.core.testing import compress, tiny_task
 from slimforge.plugins.quantization.int8_ptq import Int8PTQ, Int8PTQConfig
 
 SEQUENCE = "slimforge.core.testing:"
@@ -113,10 +113,3 @@ def test_custom_rnn_is_noted_not_skipped():
     _, ctx = compress(Int8PTQ(), CONFIG, task)
     assert any("rnn (RNN) stays float32" in n for n in ctx.notes)
     assert any("rnn weight(s) stay float32" in n for n in ctx.notes)
-
-
-class TestInt8PTQConformance(TechniqueConformance):
-    """The conformance contract on every architecture, sequence models included."""
-
-    technique = "int8_ptq"
-    architectures = ALL_ARCHITECTURES

@@ -15,7 +15,7 @@ from slimforge.core.outputs import logits_of
 from slimforge.core.plan import Plan, PlanStep
 from slimforge.core.sites import derive_weight, derived_of, weight_sites
 from slimforge.core.technique import TechniqueContext
-from slimforge.core.testing import ALL_ARCHITECTURES, TechniqueConformance, compress, tiny_task
+from slimforge.core.testing import compress, tiny_task
 from slimforge.plugins.common import replace_module
 from slimforge.plugins.factorization.low_rank import (
     LowRank,
@@ -148,11 +148,6 @@ def test_restore_structure_needs_only_the_recorded_ranks():
 
 TRANSFORMER, GPT2, GRU = (f"slimforge.core.testing:{name}" for name in ("tiny_transformer", "tiny_gpt2", "tiny_gru"))
 BERT, LLAMA = "slimforge.core.testing:tiny_bert", "slimforge.core.testing:tiny_llama"
-
-
-class TestLowRankOnEveryArchitecture(TechniqueConformance):
-    technique = "low_rank"
-    architectures = ALL_ARCHITECTURES
 
 
 def logits(model, x):

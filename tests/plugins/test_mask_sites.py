@@ -16,7 +16,7 @@ from slimforge.core.outputs import task_loss
 from slimforge.core.plan import Plan, PlanStep
 from slimforge.core.sites import DerivedWeight, derive_weight, weight_sites
 from slimforge.core.technique import TechniqueContext
-from slimforge.core.testing import ALL_ARCHITECTURES, TechniqueConformance, compress, tiny_gru, tiny_task
+from slimforge.core.testing import ALL_ARCHITECTURES, compress, tiny_gru, tiny_task
 from slimforge.plugins.common import apply_masks, density_sites, mask_sites, reapply_masks
 from slimforge.plugins.pruning.importance import _scoring_mode, importance_scores
 from slimforge.core.space import FixedSuggester, scoped
@@ -39,16 +39,6 @@ def tasks():
         return cache[short]
 
     return get
-
-
-class TestMaskConformanceOnEveryArchitecture(TechniqueConformance):
-    """The conformance kit on the sequence architectures too (the lead switches the kit's default)."""
-
-    architectures = ALL_ARCHITECTURES
-
-    @pytest.fixture(autouse=True, params=MASK_TECHNIQUES)
-    def _select(self, request):
-        self.technique = request.param
 
 
 # --- every site is masked, in its stored layout -------------------------------------------------

@@ -13,7 +13,7 @@ from slimforge.core.manager import Plugins
 from slimforge.core.outputs import logits_of
 from slimforge.core.plan import Plan, PlanStep
 from slimforge.core.technique import TechniqueContext
-from slimforge.core.testing import ALL_ARCHITECTURES, TechniqueConformance, compress, tiny_task
+from slimforge.core.testing import compress, tiny_task
 from slimforge.plugins.distillation.student import (ParameterDistillation, ParameterDistillationConfig, block_lists,
                                                     kept_blocks)
 from slimforge.plugins.pruning.heads import HeadPrunedMultiheadAttention
@@ -27,14 +27,6 @@ ARCH = "slimforge.core.testing:"
 @pytest.fixture(params=["structured_pruning", "parameter_distillation"])
 def technique_name(request):
     return request.param
-
-
-class TestStructuralConformanceOnEveryArchitecture(TechniqueConformance):
-    architectures = ALL_ARCHITECTURES
-
-    @pytest.fixture(autouse=True)
-    def _select(self, technique_name):
-        self.technique = technique_name
 
 
 def _prune(architecture, sparsity=0.5, criterion="magnitude"):
