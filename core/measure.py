@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
-from slimforge.core.outputs import logits_of
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +82,8 @@ def evaluate(model: torch.nn.Module, dataset, metric, device: str = "cpu", batch
     """The task metric of ``model`` on the whole of ``dataset``."""
     import torch
     from torch.utils.data import DataLoader
+
+    from slimforge.core.outputs import logits_of  # imports torch: only once a model is scored
 
     model.eval()
     outputs, targets = [], []

@@ -222,3 +222,16 @@ def test_evaluate_never_builds_the_teacher(capsys, tmp_path, tiny_task):
     code, out, err = run_main(capsys, "evaluate", path, "--json")
     assert code == 0, err
     assert json.loads(out)["accuracy"] == evaluate(model, tiny_task.split("test"), tiny_task.metric)
+
+
+def test_bad_input_is_rejected_before_torch_is_imported():
+    """A bad flag value answers in well under a second: nothing on the way to the check imports
+    torch (several seconds cold).  A fresh interpreter, so no earlier test's imports count."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom slimforge.app.cli import main\n"
+            "try:\n    main(['search', '--max-size', '12XB'])\nexcept SystemExit as exc:\n    assert exc.code == 2\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False", result.stderr
