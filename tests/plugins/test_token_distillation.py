@@ -16,8 +16,8 @@ from slimforge.core.testing import tiny_task
 from slimforge.plugins.distillation.knowledge import kl_term
 from slimforge.plugins.distillation.token import (TokenDistillation, TokenDistillationConfig, TopKCache,
                                                   teacher_top_k, top_k_kl)
-from slimforge.search.planner import Planner
-from slimforge.search.space import FixedSuggester
+from slimforge.core.planner import Planner
+from slimforge.core.space import FixedSuggester
 
 
 def test_config_rejects_bad_values():
