@@ -98,7 +98,7 @@ def test_apply_masks_every_layer_and_recovery_holds_them():
         density = 0.5 if name == "0" else 0.2
         assert int((layer.weight != 0).sum()) == kept_count(layer.weight.numel(), density)
         expected = max_entropy_mask(teacher_layers[name].weight.reshape(layer.weight.shape[0], -1), density)
-        assert torch.equal(ctx.state["masks"][name].reshape(expected.shape), expected)
+        assert torch.equal(ctx.state["masks"][f"{name}.weight"].reshape(expected.shape), expected)
 
 
 def test_a_missing_layer_is_a_note():
