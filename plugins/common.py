@@ -357,14 +357,10 @@ def replaceable_layer(model: nn.Module, site, padding_modes: tuple[str, ...] | N
             and not parent_reads)
 
 
-def site_order(model: nn.Module, example_inputs, sites: dict | None = None) -> list[str]:
-    """Site names in the order the forward pass first uses them.  A site is used when its module
-    (or, for a module its parent only reads, e.g. nn.MultiheadAttention's ``out_proj``, the nearest
-    ancestor) is called; a tied site at the first of its places.  Sites never used go last."""
-    from slimforge.core.sites import weight_sites  # here, not at the top: only this section needs it
-
-    sites = weight_sites(model) if sites is None else sites
-    modules = dict(model.named_modules(remove_duplicate=False))
+def first_calls(model: nn.Module, example_inputs, modules: dict[str, nn.Module]) -> dict[str, int]:
+    """``{name: rank}`` of the ``modules`` one eval forward pass on ``example_inputs`` calls, in the
+    order it first calls them (registration order says nothing about which layer sees the input
+    first)."""
     called: dict[str, int] = {}
 
     def hook(name):
@@ -380,6 +376,17 @@ def site_order(model: nn.Module, example_inputs, sites: dict | None = None) -> l
     finally:
         for handle in handles:
             handle.remove()
+    return called
+
+
+def site_order(model: nn.Module, example_inputs, sites: dict | None = None) -> list[str]:
+    """Site names in the order the forward pass first uses them.  A site is used when its module
+    (or, for a module its parent only reads, e.g. nn.MultiheadAttention's ``out_proj``, the nearest
+    ancestor) is called; a tied site at the first of its places.  Sites never used go last."""
+    from slimforge.core.sites import weight_sites  # here, not at the top: only this section needs it
+
+    sites = weight_sites(model) if sites is None else sites
+    called = first_calls(model, example_inputs, dict(model.named_modules(remove_duplicate=False)))
 
     def first_use(place: str) -> float:
         module = place.rpartition(".")[0]

@@ -63,6 +63,7 @@ scale is exactly the one used.  The buffer stays float32 and the codec narrows i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -73,7 +74,7 @@ from slimforge.core.errors import ArtifactError, ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.sites import DerivedWeight, WeightSite, derive_weight, uncovered_parameters, weight_sites
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, replace_module,
+from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, first_calls, replace_module,
                                       replaceable_layer, setting_for, site_order, stored_codes, unmatched_settings,
                                       weight_layers)
 
@@ -316,17 +317,8 @@ def execution_order(model: nn.Module, example_inputs) -> list[str]:
     """Plain Conv/Linear layer names in the order the forward pass first calls them (registration
     order says nothing about which layer sees the input first); layers never called go last."""
     layers = weight_layers(model)
-    seen: list[str] = []
-    handles = [layer.register_forward_pre_hook(lambda _m, _i, n=name: seen.append(n) if n not in seen else None)
-               for name, layer in layers.items()]
-    try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            model.eval()(*(t.to(device) for t in example_inputs))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen + [name for name in layers if name not in seen]
+    called = first_calls(model, example_inputs, layers)
+    return sorted(layers, key=lambda name: called.get(name, math.inf))  # stable: never-called layers keep module order
 
 
 class WeightOnlyQuant(Technique):
