@@ -224,6 +224,25 @@ def site_setting(site: WeightSite, settings: dict[str, float]):
     return None
 
 
+# The search samples each site's *density* (fraction kept) log-uniformly: compression lives at
+# high sparsity, and a uniform sparsity prior would spend most trials on sizes no budget accepts.
+DENSITY_RANGE = (0.02, 1.0)
+
+
+def suggest_site_sparsity(space, model: nn.Module) -> dict[str, float]:
+    """The per-site sparsity an unstructured mask technique searches: one density per site of
+    ``density_sites`` (parameter ``density.<setting_key>``), log-uniform in ``DENSITY_RANGE``."""
+    return {site.setting_key: round(1.0 - space.suggest_float(f"density.{site.setting_key}", *DENSITY_RANGE,
+                                                              log=True), 3)
+            for site in density_sites(model).values()}
+
+
+def note_unmatched_sites(model: nn.Module, settings: dict, ctx: TechniqueContext, technique: str) -> None:
+    """A note for each configured name that is no weight site (nor an ancestor of one) of ``model``."""
+    for name in unmatched_settings(settings, dict.fromkeys(site_setting_keys(weight_sites(model)))):
+        ctx.note(f"{technique}: layer {name!r} not found in the model; ignored")
+
+
 def site_sparsity(site: WeightSite, config, ctx: TechniqueContext, technique: str) -> float:
     """The sparsity an unstructured mask technique's ``config`` (``sparsity`` per site,
     ``default_sparsity``) sets for ``site``.  A position embedding is not searched, so without a

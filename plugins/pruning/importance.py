@@ -55,15 +55,12 @@ from slimforge.core.errors import ConfigError
 from slimforge.core.outputs import task_loss
 from slimforge.core.sites import weight_sites
 from slimforge.core.technique import Family, Stage, TechniqueContext
-from slimforge.plugins.common import (MaskedTechnique, apply_masks, density_sites, keep_top, mask_sites, site_setting_keys, site_sparsity, unmatched_settings)
+from slimforge.plugins.common import (MaskedTechnique, apply_masks, keep_top, mask_sites, note_unmatched_sites,
+                                      site_sparsity, suggest_site_sparsity)
 
 CRITERIA = ("magnitude", "taylor", "fisher")
 SCORE_BATCH_SIZE = 64
 DEFAULT_BATCHES = 8
-
-# The search samples each layer's *density* (fraction kept) log-uniformly: compression lives at
-# high sparsity, and a uniform sparsity prior would spend most trials on sizes no budget accepts.
-DENSITY_RANGE = (0.02, 1.0)
 
 
 @dataclass
@@ -205,14 +202,10 @@ class UnstructuredPruning(MaskedTechnique):
     criterion: ClassVar[str]
 
     def suggest(self, space, task):
-        sparsity = {site.setting_key: round(1.0 - space.suggest_float(f"density.{site.setting_key}", *DENSITY_RANGE,
-                                                                      log=True), 3)
-                    for site in density_sites(task.teacher).values()}
-        return self.Config(sparsity=sparsity)
+        return self.Config(sparsity=suggest_site_sparsity(space, task.teacher))
 
     def apply(self, model: nn.Module, config, ctx: TechniqueContext) -> nn.Module:
-        for name in unmatched_settings(config.sparsity, dict.fromkeys(site_setting_keys(weight_sites(model)))):
-            ctx.note(f"{self.name}: layer {name!r} not found in the model; ignored")
+        note_unmatched_sites(model, config.sparsity, ctx, self.name)
         sparsity = {}
         for name, site in mask_sites(model, ctx, self.name).items():
             value = site_sparsity(site, config, ctx, self.name)

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimforge.core.hookspecs import hookimpl
-from slimforge.plugins.pruning.importance import DENSITY_RANGE, UnstructuredPruning, UnstructuredPruningConfig
+from slimforge.plugins.common import DENSITY_RANGE
+from slimforge.plugins.pruning.importance import UnstructuredPruning, UnstructuredPruningConfig
 
 __all__ = ["DENSITY_RANGE", "MagnitudePruning", "MagnitudePruningConfig"]
 

@@ -56,10 +56,8 @@ from torch import nn
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.technique import Family, Stage, TechniqueContext
-from slimforge.core.sites import weight_sites
-from slimforge.plugins.common import (MaskedTechnique, apply_masks, density_sites, mask_sites, site_setting_keys,
-                                      site_sparsity, unmatched_settings)
-from slimforge.plugins.pruning.magnitude import DENSITY_RANGE
+from slimforge.plugins.common import (MaskedTechnique, apply_masks, mask_sites, note_unmatched_sites, site_sparsity,
+                                      suggest_site_sparsity)
 
 BINS_RANGE = (2, 4096)
 DEFAULT_BINS = 32  # fine enough to resolve LeNet-5's value range, coarse enough that the near-zero bins are crowded
@@ -158,14 +156,10 @@ class MaxEntropySparsity(MaskedTechnique):
                    "(tails whole, even sample of the rest); per-layer density searched.")
 
     def suggest(self, space, task) -> MaxEntropySparsityConfig:
-        sparsity = {site.setting_key: round(1.0 - space.suggest_float(f"density.{site.setting_key}", *DENSITY_RANGE,
-                                                                      log=True), 3)
-                    for site in density_sites(task.teacher).values()}
-        return MaxEntropySparsityConfig(sparsity=sparsity)
+        return MaxEntropySparsityConfig(sparsity=suggest_site_sparsity(space, task.teacher))
 
     def apply(self, model: nn.Module, config: MaxEntropySparsityConfig, ctx: TechniqueContext) -> nn.Module:
-        for name in unmatched_settings(config.sparsity, dict.fromkeys(site_setting_keys(weight_sites(model)))):
-            ctx.note(f"max_entropy_sparsity: layer {name!r} not found in the model; ignored")
+        note_unmatched_sites(model, config.sparsity, ctx, self.name)
         masks = {}
         for name, site in mask_sites(model, ctx, self.name).items():
             sparsity = site_sparsity(site, config, ctx, self.name)

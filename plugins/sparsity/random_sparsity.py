@@ -23,12 +23,9 @@ from torch import nn
 
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
-from slimforge.core.sites import weight_sites
 from slimforge.core.technique import Family, Stage, TechniqueContext
-from slimforge.plugins.common import (MaskedTechnique, apply_masks, density_sites, keep_top, mask_sites, site_setting_keys, site_sparsity, unmatched_settings)
-
-# Same prior as magnitude_pruning, so both searches spend their trials at the same sizes.
-from slimforge.plugins.pruning.magnitude import DENSITY_RANGE
+from slimforge.plugins.common import (MaskedTechnique, apply_masks, keep_top, mask_sites, note_unmatched_sites,
+                                      site_sparsity, suggest_site_sparsity)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,14 +57,10 @@ class RandomSparsity(MaskedTechnique):
     description = "Random unstructured masks (seeded) on every weight site, per-site sparsity searched: baseline for magnitude pruning."
 
     def suggest(self, space, task) -> RandomSparsityConfig:
-        sparsity = {site.setting_key: round(1.0 - space.suggest_float(f"density.{site.setting_key}", *DENSITY_RANGE,
-                                                                      log=True), 3)
-                    for site in density_sites(task.teacher).values()}
-        return RandomSparsityConfig(sparsity=sparsity)
+        return RandomSparsityConfig(sparsity=suggest_site_sparsity(space, task.teacher))
 
     def apply(self, model: nn.Module, config: RandomSparsityConfig, ctx: TechniqueContext) -> nn.Module:
-        for name in unmatched_settings(config.sparsity, dict.fromkeys(site_setting_keys(weight_sites(model)))):
-            ctx.note(f"random_sparsity: layer {name!r} not found in the model; ignored")
+        note_unmatched_sites(model, config.sparsity, ctx, self.name)
         masks = {}
         for index, (name, site) in enumerate(mask_sites(model, ctx, self.name).items()):
             sparsity = site_sparsity(site, config, ctx, self.name)
