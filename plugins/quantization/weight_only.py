@@ -70,13 +70,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimforge.core.errors import ArtifactError, ConfigError
+from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.sites import DerivedWeight, WeightSite, derive_weight, uncovered_parameters, weight_sites
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, first_calls, replace_module,
-                                      replaceable_layer, setting_for, site_order, stored_codes, unmatched_settings,
-                                      weight_layers)
+from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, first_calls,
+                                      replace_module, replaceable_layer, restore_derived, setting_for, site_order,
+                                      stored_codes, unmatched_settings, weight_layers)
 
 BIT_CHOICES = (2, 4, 8)  # what the search samples; a config may name any width in BIT_RANGE
 BIT_RANGE = (2, 8)  # 1 bit has no symmetric grid containing 0 and +-s
@@ -398,18 +398,10 @@ class WeightOnlyQuant(Technique):
             replace_module(model, name, WeightOnlyQuantized(
                 model.get_submodule(name), int(b), config.symmetric, config.dequantize_once,
                 storage="packed" if storage is None else storage[name], absolute_codes=storage is None))
-        derived = structure.get("derived", {})
-        if derived:
-            sites = {site.setting_key: site for site in weight_sites(model).values()}
-            for name, spec in derived.items():
-                if name not in sites:
-                    raise ArtifactError(f"weight_only_quant: quantized weight {name!r} is not a weight site of the "
-                                        "rebuilt model")
-                site = sites[name]
-                tensor = site.tensor(model)
-                derive_weight(model, site, QuantizedWeight(site, int(spec["bits"]), config.symmetric,
-                                                           config.dequantize_once, spec["storage"], tensor.dtype,
-                                                           tensor.device))
+        restore_derived(model, structure.get("derived", {}), self.name, "quantized weight",
+                        lambda site, spec, tensor: QuantizedWeight(site, int(spec["bits"]), config.symmetric,
+                                                                   config.dequantize_once, spec["storage"],
+                                                                   tensor.dtype, tensor.device))
         return model
 
 

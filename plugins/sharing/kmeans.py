@@ -52,7 +52,8 @@ from slimforge.core.hookspecs import hookimpl
 from slimforge.core.sites import DerivedWeight, SiteKind, WeightSite, derive_weight, uncovered_parameters, weight_sites
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
 from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, packed_size,
-                                      replace_module, replaceable_layer, stored_codes, weight_layers)
+                                      replace_module, replaceable_layer, restore_derived, stored_codes,
+                                      weight_layers)
 
 # Deep Compression's LeNet/AlexNet setting: convolutions are more sensitive to sharing than fully
 # connected layers, so they default to (and search over) more bits.
@@ -343,17 +344,9 @@ class KMeansClustering(Technique):
             # Artifacts from before the per-layer storage choice always hold packed codes.
             replace_module(model, name, ClusteredLayer(layers[name], int(spec["bits"]), bool(spec["zero_code"]),
                                                        spec.get("storage", "packed")))
-        derived = structure.get("derived", {})
-        if derived:
-            sites = {site.setting_key: site for site in weight_sites(model).values()}
-            for name, spec in derived.items():
-                if name not in sites:
-                    raise ArtifactError(f"kmeans_clustering: clustered weight {name!r} is not a weight site of the "
-                                        "rebuilt model")
-                site = sites[name]
-                tensor = site.tensor(model)
-                derive_weight(model, site, ClusteredWeight(site, int(spec["bits"]), bool(spec["zero_code"]),
-                                                           spec["storage"], tensor.dtype, tensor.device))
+        restore_derived(model, structure.get("derived", {}), self.name, "clustered weight",
+                        lambda site, spec, tensor: ClusteredWeight(site, int(spec["bits"]), bool(spec["zero_code"]),
+                                                                   spec["storage"], tensor.dtype, tensor.device))
         return model
 
 
