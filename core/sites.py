@@ -27,6 +27,7 @@ reads its attributes.
 
 from __future__ import annotations
 
+import abc
 import re
 from dataclasses import dataclass, replace
 
@@ -295,7 +296,7 @@ def uncovered_parameters(model: nn.Module, sites: dict[str, WeightSite] | None =
 
 # --- re-expressing a site -------------------------------------------------------------------------
 
-class DerivedWeight(nn.Module):
+class DerivedWeight(nn.Module, abc.ABC):
     """Base of a parametrization that *computes* a site's stored tensor from the technique's own
     tensors, registered with ``derive_weight``.  Subclasses keep their tensors as buffers or
     parameters (those are what the artifact stores) and implement ``compute()`` returning the
@@ -308,8 +309,9 @@ class DerivedWeight(nn.Module):
     def forward(self, placeholder: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - torch passes it
         return self.compute()
 
-    def compute(self) -> torch.Tensor:  # pragma: no cover - subclasses implement it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def compute(self) -> torch.Tensor:
+        """The weight in the site's stored layout, from the technique's own tensors."""
 
 
 def derive_weight(model: nn.Module, site: WeightSite, derived: DerivedWeight) -> None:
