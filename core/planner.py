@@ -22,9 +22,11 @@ from slimforge.core.task import Task
 from slimforge.core.technique import Technique, TechniqueRegistry, family_name, retrains_before_sharing
 from slimforge.core.space import Suggester, scoped
 
-RECOVERY_EPOCHS = (1, 3)
+# Up to 6 epochs: the search's successive halving (search.objective) stops hopeless trials after
+# epoch 1 or 3, so the long end of the range is paid for only by plans that are worth it.
+RECOVERY_EPOCHS = (1, 6)
 RECOVERY_LR = (1e-4, 3e-3)
-BEFORE_SHARING_EPOCHS = (0, 3)  # 0 keeps the one-phase plan: the search decides whether retraining pays
+BEFORE_SHARING_EPOCHS = (0, 6)  # 0 keeps the one-phase plan: the search decides whether retraining pays
 
 
 class Planner:

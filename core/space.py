@@ -3,7 +3,14 @@
 ``Suggester`` is a protocol with Optuna's define-by-run vocabulary (the backend's adapter,
 ``slimforge.search.space.OptunaSuggester``, implements it over an ``optuna.Trial``);
 ``FixedSuggester`` answers from a dict or a seeded RNG for tests and the conformance kit.
-``scoped`` prefixes parameter names so two techniques never collide (``magnitude_pruning.sparsity.fc1``).
+``scoped`` prefixes parameter names so two techniques never collide (``magnitude_pruning.density``).
+
+Knob style: a suggester's ``per_layer`` attribute says whether techniques ask one parameter per
+weight site (``magnitude_pruning.density.fc1``, the old, wide space) or a few global knobs that
+``core.sensitivity`` spreads over the sites (``magnitude_pruning.density`` +
+``magnitude_pruning.allocation``).  The search asks global knobs unless told otherwise
+(``--per-layer-knobs``); a suggester without the attribute is per-layer, which is what
+hand-written configs and the tests' ``FixedSuggester`` name.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class ScopedSuggester:
 
     def __init__(self, inner: Suggester, scope: str):
         self.inner, self.scope = inner, scope
+        self.per_layer = per_layer_knobs(inner)
 
     def suggest_int(self, name, low, high, *, step=1, log=False):
         return self.inner.suggest_int(f"{self.scope}.{name}", low, high, step=step, log=log)
@@ -36,6 +44,11 @@ class ScopedSuggester:
         return self.inner.suggest_categorical(f"{self.scope}.{name}", choices)
 
 
+def per_layer_knobs(space: Suggester) -> bool:
+    """True when ``space`` wants one parameter per weight site (see the module docstring)."""
+    return bool(getattr(space, "per_layer", True))
+
+
 def scoped(space: Suggester, scope: str) -> Suggester:
     return ScopedSuggester(space, scope)
 
@@ -43,8 +56,9 @@ def scoped(space: Suggester, scope: str) -> Suggester:
 class FixedSuggester:
     """Answers from ``values`` where given, otherwise draws from a seeded RNG (deterministic)."""
 
-    def __init__(self, values: dict[str, Any] | None = None, seed: int = 0):
+    def __init__(self, values: dict[str, Any] | None = None, seed: int = 0, per_layer: bool = True):
         self.values = dict(values or {})
+        self.per_layer = per_layer
         self.rng = random.Random(seed)
         self.asked: dict[str, Any] = {}
 

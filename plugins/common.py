@@ -224,17 +224,65 @@ def site_setting(site: WeightSite, settings: dict[str, float]):
     return None
 
 
-# The search samples each site's *density* (fraction kept) log-uniformly: compression lives at
-# high sparsity, and a uniform sparsity prior would spend most trials on sizes no budget accepts.
-DENSITY_RANGE = (0.02, 1.0)
+# The search samples *density* (fraction kept) log-uniformly: compression lives at high sparsity,
+# and a uniform sparsity prior would spend most trials on sizes no budget accepts.
+DENSITY_RANGE = (0.02, 1.0)  # per site (per-layer knobs)
+GLOBAL_DENSITY_RANGE = (0.01, 1.0)  # the element-weighted density of the whole model (global knobs)
+# Allocation temperature: 0 prunes every site alike; at 1-2 the sites whose pruning alone costs
+# most validation accuracy (``core.sensitivity``) keep most of their weights.
+ALLOCATION_RANGE = (0.0, 2.0)
 
 
-def suggest_site_sparsity(space, model: nn.Module) -> dict[str, float]:
-    """The per-site sparsity an unstructured mask technique searches: one density per site of
-    ``density_sites`` (parameter ``density.<setting_key>``), log-uniform in ``DENSITY_RANGE``."""
-    return {site.setting_key: round(1.0 - space.suggest_float(f"density.{site.setting_key}", *DENSITY_RANGE,
-                                                              log=True), 3)
-            for site in density_sites(model).values()}
+def suggest_site_sparsity(space, task) -> dict[str, float]:
+    """The per-site sparsity an unstructured mask technique searches, over ``density_sites`` of the
+    task's teacher.  Global knobs (the search's default, ``core.space.per_layer_knobs``): a target
+    density for the whole model (``density``) and an allocation temperature (``allocation``) that
+    ``core.sensitivity.allocate_density`` spreads over the sites by their measured sensitivity.
+    Per-layer knobs: one density per site (``density.<setting_key>``), log-uniform in ``DENSITY_RANGE``."""
+    from slimforge.core.sensitivity import allocate_density, sensitivity_of
+    from slimforge.core.space import per_layer_knobs
+
+    sites = density_sites(task.teacher)
+    if per_layer_knobs(space):
+        return {site.setting_key: round(1.0 - space.suggest_float(f"density.{site.setting_key}", *DENSITY_RANGE,
+                                                                  log=True), 3)
+                for site in sites.values()}
+    density = space.suggest_float("density", *GLOBAL_DENSITY_RANGE, log=True)
+    temperature = space.suggest_float("allocation", *ALLOCATION_RANGE)
+    allocated = allocate_density(sensitivity_of(task), [site.setting_key for site in sites.values()],
+                                 density, temperature)
+    return {key: round(1.0 - kept, 4) for key, kept in allocated.items()}
+
+
+# Global bit-width knobs (``suggest_site_bits``): the element-weighted mean width the sampler
+# picks, in half-bit steps so that neighbouring trials differ by a real step, not float noise.
+MEAN_BITS_STEP = 0.5
+
+
+def suggest_site_bits(space, task, sites: dict[str, WeightSite], choices: tuple[int, ...],
+                      per_site_choices=None) -> dict[str, int]:
+    """Bit widths for ``sites`` (by ``setting_key``).  Global knobs (the search's default): a mean
+    width ``bits`` (element-weighted, in ``[min(choices), max(choices)]``) and an allocation
+    temperature ``allocation``, spread over the sites by their measured quantization sensitivity
+    (``core.sensitivity.allocate_bits``: sensitive sites get wider codes).  Per-layer knobs: one
+    ``bits.<setting_key>`` per site, from ``per_site_choices(site)`` (default ``choices``) as an
+    integer range when the choices are contiguous, else a categorical."""
+    from slimforge.core.sensitivity import allocate_bits, sensitivity_of
+    from slimforge.core.space import per_layer_knobs
+
+    if per_layer_knobs(space):
+        bits = {}
+        for site in sites.values():
+            options = tuple(per_site_choices(site)) if per_site_choices else tuple(choices)
+            contiguous = list(options) == list(range(min(options), max(options) + 1))
+            bits[site.setting_key] = (space.suggest_int(f"bits.{site.setting_key}", min(options), max(options))
+                                      if contiguous else space.suggest_categorical(f"bits.{site.setting_key}",
+                                                                                   list(options)))
+        return bits
+    mean = space.suggest_float("bits", float(min(choices)), float(max(choices)), step=MEAN_BITS_STEP)
+    temperature = space.suggest_float("allocation", *ALLOCATION_RANGE)
+    return allocate_bits(sensitivity_of(task), [site.setting_key for site in sites.values()], mean, temperature,
+                         tuple(choices))
 
 
 def note_unmatched_sites(model: nn.Module, settings: dict, ctx: TechniqueContext, technique: str) -> None:

@@ -81,6 +81,7 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         # Only now may `slimforge worker`s join: a worker's RUNNING trial is not an interrupted one.
         store_settings(backend, settings=settings.to_dict(), task_source=task.source, task_name=task.name,
                        budgets=dataclasses.asdict(budgets), artifact_dir=str(artifact_dir), baseline=baseline.to_dict())
+        _enqueue_expert_seeds(backend, planner, task, baseline, budgets, settings)
         runner.history.extend(record_from_dict(r) for r in backend.records())
         ctx = SearchContext(backend=backend, planner=planner, runner=runner, plugins=plugins, task=task,
                             settings=settings, baseline=baseline)
@@ -89,10 +90,10 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         records = [record_from_dict(r) for r in backend.records()]
         if trackers:
             _adopt_untracked(records, plugins)
-        pareto = pareto_front(records)
         floor = registration_floor(baseline.accuracy, min_accuracy=settings.register_min_accuracy,
                                    max_accuracy_drop=settings.register_max_accuracy_drop,
                                    budget_min_accuracy=budgets.min_accuracy)
+        pareto = pareto_front(records, min_accuracy=floor.min_accuracy)
         for member in pareto:  # the only place the test split is used
             member.test_measurements = runner.measure(member.artifact_path, "test")
             member.not_registered = floor.why_not_registered(member)
@@ -111,6 +112,28 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
             plugins.unregister(tracker)
     write_summary(result, settings.out_dir / "summary.json")  # again, now with registry links
     return result
+
+
+def _enqueue_expert_seeds(backend, planner: Planner, task: Task, baseline: Measurements, budgets: Budgets,
+                          settings: SearchSettings) -> None:
+    """A new study starts with the expert plans (``search.seeds``), up to a quarter of its trials;
+    the sensitivity the global knobs are allocated by is measured (or loaded) first, here."""
+    if not settings.per_layer_knobs:
+        from slimforge.core.sensitivity import sensitivity_of
+
+        sensitivity_of(task, log=log)
+    if not settings.expert_seeds or backend.study.get_trials(deepcopy=False):
+        return
+    if settings.per_layer_knobs:
+        log("expert seeds: none (they are written in the global knobs; --per-layer-knobs searches per site)")
+        return
+    from slimforge.search.seeds import SEED_ATTR, seed_params
+
+    seeds = seed_params(planner, task, baseline.size_bytes, budgets, limit=max(1, settings.trials // 4))
+    for label, params in seeds:
+        backend.study.enqueue_trial(params, user_attrs={SEED_ATTR: label})
+    if seeds:
+        log(f"expert seeds: {len(seeds)} plan(s) queued first: " + "; ".join(label for label, _ in seeds))
 
 
 def _run_trials(ctx: SearchContext, spec: WorkerSpec) -> None:

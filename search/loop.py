@@ -24,6 +24,7 @@ from slimforge.core.measure import Measurements
 from slimforge.core.plan import Plan
 from slimforge.search.records import TrialRecord, failed_record, record_from_dict
 from slimforge.search.reports import progress_text
+from slimforge.search.seeds import SEED_ATTR
 from slimforge.search.study import claim_trial, counted, finish_trial, log
 
 
@@ -91,7 +92,7 @@ class TrialLoop:
         self.stopped = False  # no more trials are started (total or timeout reached)
         done = counted(ctx.backend.study)
         if done:
-            log(f"study {ctx.settings.study!r}: {done} trial(s) already recorded or running; "
+            log(f"study {ctx.settings.study!r}: {done} trial(s) already recorded, running or queued; "
                 f"{max(0, ctx.settings.trials - done)} to go")
         self.progress = Progress(ctx, done)
 
@@ -113,7 +114,8 @@ class TrialLoop:
         """The define-by-run space: the planner asks the trial for every choice."""
         from slimforge.search.space import OptunaSuggester
 
-        return self.ctx.planner.sample(OptunaSuggester(trial), self.ctx.task, seed=self.ctx.settings.seed + trial.number)
+        space = OptunaSuggester(trial, per_layer=self.ctx.settings.per_layer_knobs)
+        return self.ctx.planner.sample(space, self.ctx.task, seed=self.ctx.settings.seed + trial.number)
 
     def start(self, trial=None, plan: Plan | None = None, asked: float | None = None) -> StartedTrial | None:
         """Start one trial: ask the backend for it, claim it, and record it as started, so a kill
@@ -138,6 +140,9 @@ class TrialLoop:
         if record is None:
             record = failed_record(started.number, started.plan.to_dict(), started.plan.describe(), failure,
                                    time.monotonic() - started.asked)
+        seed = getattr(started.trial, "user_attrs", {}).get(SEED_ATTR)
+        if seed:
+            record.notes.insert(0, f"expert seed: {seed}")
         finish_trial(self.ctx.backend, self.ctx.plugins, started.trial, record)
         self.progress.finished()
         self.ctx.loop_seconds[started.number] = time.monotonic() - started.asked

@@ -7,6 +7,7 @@ honest: the bytes are the file's, and the accuracy and latency are of what a use
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 import traceback
@@ -31,6 +32,11 @@ from slimforge.search.records import COMPLETE, FAILED, REJECTED, TrialRecord
 SIZE_ESTIMATE_SLACK = 0.02
 # Early stopping assumes a trial may still gain at least this much per remaining epoch.
 MIN_EPOCH_GAIN = 0.005
+# Successive halving (``TrialRunner.early_stop``): rungs at epochs 1, 3, 9, ...; a trial goes on
+# past a rung only in the top 1/HALVING_RATE of its size-comparable rivals, and only once there
+# are HALVING_MIN_RIVALS rivals to compare with (Optuna's ``bootstrap_count``).
+HALVING_RATE = 3
+HALVING_MIN_RIVALS = 2
 # A trial's files in the artifact folder: its artifact, and the size estimate made before
 # fine-tuning (deleted once its size is known).  ``TRIAL_FILE`` recognises both.
 TRIAL_FILE = re.compile(r"^trial-(?P<number>\d{4,})(?P<estimate>\.estimate)?\.slim$")
@@ -38,6 +44,20 @@ TRIAL_FILE = re.compile(r"^trial-(?P<number>\d{4,})(?P<estimate>\.estimate)?\.sl
 
 def trial_artifact_path(artifact_dir: Path, number: int, *, estimate: bool = False) -> Path:
     return artifact_dir / f"trial-{number:04d}{'.estimate' if estimate else ''}.slim"
+
+
+def halving_rungs(up_to: int) -> set[int]:
+    """The rung epochs 1, HALVING_RATE, HALVING_RATE**2, ... up to ``up_to``."""
+    rungs, epoch = set(), 1
+    while epoch <= up_to:
+        rungs.add(epoch)
+        epoch *= HALVING_RATE
+    return rungs
+
+
+def _size_of(record: TrialRecord) -> int | None:
+    """A finished trial's artifact bytes, or its size estimate when it was never measured."""
+    return record.measurements.size_bytes if record.measurements is not None else record.size_estimate_bytes
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -177,13 +197,18 @@ class TrialRunner:
         record.state = COMPLETE
 
     def early_stop(self, log: RecoveryLog, epochs_left: int, size_estimate: int | None) -> str | None:
-        """Our multi-fidelity rule (Optuna's pruners are single-objective).
+        """Multi-fidelity: stop a hopeless trial after an epoch of recovery training.
 
-        Project the final score optimistically: the current score plus, for every epoch left, the
-        largest per-epoch gain seen so far (at least ``MIN_EPOCH_GAIN``).  Stop when even that
-        projection misses ``min_accuracy``, or when a finished feasible trial is at least as small
-        and already scores above the projection (this one could only end up dominated on
-        accuracy and size)."""
+        Two rules, each recorded in the trial's ``stopped_early`` (the study marks it PRUNED):
+        - **the accuracy budget**: project the final score optimistically (the current score plus,
+          for every epoch left, the largest per-epoch gain seen so far, at least ``MIN_EPOCH_GAIN``)
+          and stop when even that misses ``min_accuracy``;
+        - **successive halving** (the rule of Optuna's ``SuccessiveHalvingPruner``, which Optuna
+          offers only for single-objective studies): at the rung epochs 1, 3, 9, ... the trial
+          goes on only if its validation score is among the top 1/``HALVING_RATE`` of the scores
+          that the trials *at least as small* (size estimate) reached at the same epoch.  Comparing
+          only with smaller trials is what makes it right for a size-accuracy front: a small model
+          is never stopped for trailing bigger ones, and a big one only for trailing smaller ones."""
         if self.replay_epochs is not None:
             done = len(log.scores)
             return f"replayed the recorded {done} epoch(s)" if epochs_left and done >= self.replay_epochs else None
@@ -196,13 +221,24 @@ class TrialRunner:
         if floor is not None and projected < floor - 1e-6:  # a tie in float noise is not a miss
             return (f"stopped after epoch {len(log.scores)}: validation {log.scores[-1]:.4f}, optimistic final "
                     f"{projected:.4f} < min accuracy {floor:.4f}")
-        if size_estimate is not None:
-            for other in self.history:
-                m = other.measurements
-                if other.feasible and m is not None and m.size_bytes <= size_estimate and m.accuracy > projected:
-                    return (f"stopped after epoch {len(log.scores)}: dominated by trial {other.number} "
-                            f"({m.accuracy:.4f} at {m.size_bytes} B >= optimistic {projected:.4f} at ~{size_estimate} B)")
-        return None
+        return self._halving(log, size_estimate)
+
+    def _halving(self, log: RecoveryLog, size_estimate: int | None) -> str | None:
+        epoch, score = len(log.scores), log.scores[-1]
+        if size_estimate is None or epoch not in halving_rungs(epoch):
+            return None
+        limit = size_estimate * (1 + SIZE_ESTIMATE_SLACK)
+        rivals = [other.epoch_scores[epoch - 1] for other in self.history
+                  if len(other.epoch_scores) >= epoch and (_size_of(other) or math.inf) <= limit]
+        if len(rivals) < HALVING_MIN_RIVALS:
+            return None
+        ranked = sorted([*rivals, score], reverse=True)
+        keep = max(1, len(ranked) // HALVING_RATE)
+        if score >= ranked[keep - 1]:
+            return None
+        return (f"stopped after epoch {epoch} by successive halving: validation {score:.4f} is not in the top "
+                f"{keep} of {len(ranked)} (>= {ranked[keep - 1]:.4f}) among trials at most ~{size_estimate} B "
+                f"at that epoch")
 
     def measure(self, artifact: Path | str, split: str) -> Measurements:
         """Load the artifact as a user would, then measure it (``core.measure.measure_artifact``)."""

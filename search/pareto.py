@@ -16,10 +16,9 @@ from dataclasses import asdict, dataclass
 from slimforge.search.records import COMPLETE, TrialRecord
 
 LATENCY_TOLERANCE = 0.05  # relative; within it two latencies are treated as equal
-# Without an accuracy budget, the front keeps its smallest points however inaccurate: a collapsed,
-# chance-level model is tiny and so never dominated.  It stays on the reported front, but a model
-# registered for deployment must not be one, so by default only members that lose at most this
-# much against the uncompressed model are registered.
+# Without an accuracy budget, a collapsed, chance-level model is tiny and so never dominated.  A
+# model registered for deployment (or shown on the front) must not be one, so by default the
+# front holds only trials that lose at most this much against the uncompressed model.
 DEFAULT_REGISTER_MAX_ACCURACY_DROP = 0.10
 
 
@@ -39,10 +38,15 @@ def dominates(a: TrialRecord, b: TrialRecord, tolerance: float = LATENCY_TOLERAN
     return _no_worse(a, b, tolerance) and _strictly_better_somewhere(a, b, tolerance)
 
 
-def pareto_front(records: Sequence[TrialRecord], tolerance: float = LATENCY_TOLERANCE) -> list[TrialRecord]:
+def pareto_front(records: Sequence[TrialRecord], tolerance: float = LATENCY_TOLERANCE,
+                 min_accuracy: float | None = None) -> list[TrialRecord]:
     """Feasible, complete trials that no other feasible trial dominates, best accuracy first.
-    Among exact duplicates (same accuracy and size, latency within tolerance) the earliest stays."""
-    candidates = [r for r in records if r.state == COMPLETE and r.feasible]
+    Among exact duplicates (same accuracy and size, latency within tolerance) the earliest stays.
+    ``min_accuracy`` (the search passes its registration floor): trials under it are not
+    candidates, so a collapsed model, tiny and never dominated, stays off the front (it is still
+    in the trial table and the summary)."""
+    candidates = [r for r in records if r.state == COMPLETE and r.feasible
+                  and (min_accuracy is None or r.measurements.accuracy >= min_accuracy - 1e-9)]
     front = []
     for record in candidates:
         if any(dominates(other, record, tolerance) for other in candidates if other is not record):

@@ -9,6 +9,7 @@ tracker attaches these files to the parent run).
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,25 @@ from slimforge.core.measure import Measurements
 from slimforge.search.feasibility import closest_for
 from slimforge.search.records import COMPLETE, FAILED, REJECTED, SearchResult, TrialRecord
 
-# Hypervolume of the feasible front over normalised objectives (all minimised):
-# (1 - accuracy, size / baseline size, latency / baseline latency), reference point 1.1 in each.
+# Hypervolume of the feasible front, on log scales, all axes minimised and normalised so that the
+# baseline sits at 1 and the best conceivable model at 0:
+#   accuracy: (baseline - accuracy) / HYPERVOLUME_ACCURACY_WINDOW (0 at the baseline or above);
+#   size:     1 - log(baseline size / size) / log(HYPERVOLUME_SIZE_RATIO)   (0 at 1000x smaller);
+#   latency:  1 - log(baseline ms / ms) / log(HYPERVOLUME_LATENCY_RATIO)     (0 at 10x faster).
+# Log axes make 20x and 100x count differently (on a linear size axis every model under 5 % of the
+# dense bytes sat at the same edge); the accuracy window ends the box 10 points under the baseline,
+# so a collapsed model adds nothing however small it is.  The reference point is 1.1 on each axis
+# (a model at dense latency, as unstructured and weight-only models run on a CPU, still counts).
 HYPERVOLUME_REFERENCE = 1.1
-HYPERVOLUME_DEFINITION = ("hypervolume of feasible complete trials over (1 - accuracy, size_bytes / baseline "
-                          "size_bytes, latency_ms / baseline latency_ms), all minimised, reference point "
-                          f"({HYPERVOLUME_REFERENCE}, {HYPERVOLUME_REFERENCE}, {HYPERVOLUME_REFERENCE}); "
-                          f"the largest possible value is {HYPERVOLUME_REFERENCE ** 3:.3f}")
+HYPERVOLUME_ACCURACY_WINDOW = 0.10
+HYPERVOLUME_SIZE_RATIO = 1000.0
+HYPERVOLUME_LATENCY_RATIO = 10.0
+HYPERVOLUME_DEFINITION = (
+    "hypervolume of feasible complete trials over ((baseline - accuracy) / "
+    f"{HYPERVOLUME_ACCURACY_WINDOW:g}, 1 - log(baseline size / size) / log({HYPERVOLUME_SIZE_RATIO:g}), "
+    f"1 - log(baseline latency / latency) / log({HYPERVOLUME_LATENCY_RATIO:g})), all minimised, reference point "
+    f"({HYPERVOLUME_REFERENCE}, {HYPERVOLUME_REFERENCE}, {HYPERVOLUME_REFERENCE}); the largest possible value is "
+    f"{HYPERVOLUME_REFERENCE ** 3:.3f}")
 
 CSV_COLUMNS = ("number", "state", "feasible", "pareto", "accuracy_val", "accuracy_test", "size_bytes",
                "latency_ms", "size_estimate_bytes", "epochs_run", "stopped_early", "duration_s", "plan",
@@ -109,29 +122,38 @@ def write_summary(result: SearchResult, path: Path) -> None:
     write_json_atomic(path, data)
 
 
-def feasible_hypervolume(records: list[TrialRecord], baseline: Measurements) -> float | None:
-    """``HYPERVOLUME_DEFINITION``; None where Optuna's hypervolume routine is unavailable.
+def hypervolume_point(m: Measurements, baseline: Measurements) -> tuple[float, float, float]:
+    """A measurement's coordinates in the hypervolume's box (``HYPERVOLUME_DEFINITION``)."""
+    accuracy = max(0.0, baseline.accuracy - m.accuracy) / HYPERVOLUME_ACCURACY_WINDOW
+    size = 1 - math.log(max(baseline.size_bytes, 1) / max(m.size_bytes, 1)) / math.log(HYPERVOLUME_SIZE_RATIO)
+    latency = 1 - (math.log(max(baseline.latency_ms, 1e-12) / max(m.latency_ms, 1e-12))
+                   / math.log(HYPERVOLUME_LATENCY_RATIO))
+    return accuracy, max(0.0, size), max(0.0, latency)
 
-    Normalising by the uncompressed baseline makes the three axes commensurable and the value
-    comparable across searches of the same task; points outside the reference box add nothing."""
-    try:  # Optuna's WFG implementation; private module, stable since Optuna 4.
-        import numpy as np
-        from optuna._hypervolume import compute_hypervolume
-    except ImportError:
-        return None
-    reference = HYPERVOLUME_REFERENCE
-    points = []
-    for record in records:
-        m = record.measurements
-        if record.state != COMPLETE or not record.feasible or m is None:
-            continue
-        point = (1.0 - m.accuracy, m.size_bytes / max(baseline.size_bytes, 1),
-                 m.latency_ms / max(baseline.latency_ms, 1e-12))
-        if all(v <= reference for v in point):
-            points.append(point)
+
+def hypervolume(points: list[tuple[float, ...]], reference: tuple[float, ...]) -> float:
+    """Exact volume dominated by ``points`` (minimised) inside the box up to ``reference``: the
+    last axis is swept in slices, each slice's area computed the same way one dimension down.
+    O(n^d) for n points in d dimensions: fronts here hold tens of points in 3 dimensions."""
+    points = [p for p in points if all(v < r for v, r in zip(p, reference))]
     if not points:
         return 0.0
-    return float(compute_hypervolume(np.asarray(points, dtype=float), np.full(3, reference)))
+    if len(reference) == 1:
+        return reference[0] - min(p[0] for p in points)
+    levels = sorted({p[-1] for p in points})
+    volume = 0.0
+    for index, level in enumerate(levels):
+        top = levels[index + 1] if index + 1 < len(levels) else reference[-1]
+        below = [p[:-1] for p in points if p[-1] <= level]
+        volume += hypervolume(below, reference[:-1]) * (top - level)
+    return volume
+
+
+def feasible_hypervolume(records: list[TrialRecord], baseline: Measurements) -> float:
+    """``HYPERVOLUME_DEFINITION`` over the feasible complete trials of ``records``."""
+    points = [hypervolume_point(r.measurements, baseline) for r in records
+              if r.state == COMPLETE and r.feasible and r.measurements is not None]
+    return round(hypervolume(points, (HYPERVOLUME_REFERENCE,) * 3), 6)
 
 
 def search_summary(records: list[TrialRecord], baseline: Measurements) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from slimforge.search.budgets import parse_accuracy, parse_accuracy_drop, parse_
 DEVICES = ("cpu", "cuda")
 BACKENDS = ("optuna", "ray")
 SCHEDULERS = ("fifo", "asha")
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
 
 # Through Ray Client, Tune would run the searcher on the head node, away from this search's study,
 # trackers and progress bar; a search joins the cluster from one of its nodes instead.
@@ -97,8 +97,14 @@ class SearchSettings:
     out_dir: Path = option(Path("slimforge-out"), "--out", "output directory (default slimforge-out)")
     device: str = option("cpu", "--device", "cpu (default) or cuda: where training and timing happen",
                          choices=DEVICES)
-    sampler: str = option("tpe", "--sampler", "tpe (default: multivariate TPE that sees the budgets) or random "
-                          "(baseline)", choices=SAMPLERS)
+    sampler: str = option("tpe", "--sampler", "tpe (default: grouped multivariate TPE), nsga2, gp (Gaussian process) "
+                          "or random (baseline); all see the budgets as constraints", choices=SAMPLERS)
+    per_layer_knobs: bool = option(False, "--per-layer-knobs", "search one density / bit width per weight site "
+                                   "(default: a few global knobs per technique, spread over the sites by their "
+                                   "measured sensitivity)", kind="bool")
+    expert_seeds: bool = option(True, "--no-expert-seeds", "do not start the study with the expert plans (Deep "
+                                "Compression, int8, structured + int8, a distilled student) scaled to the budgets",
+                                kind="bool")
     workers: int = option(1, "--workers", "trials at once, each in a worker process (default 1: in this process)",
                           kind="int", at_least=1)
     trial_timeout_s: float | None = option(

@@ -11,8 +11,9 @@ from typing import Any
 class OptunaSuggester:
     """Adapter over ``optuna.trial.Trial`` (duck-typed, so this module imports no optuna)."""
 
-    def __init__(self, trial: Any):
+    def __init__(self, trial: Any, per_layer: bool = False):
         self.trial = trial
+        self.per_layer = per_layer  # core.space.per_layer_knobs: global knobs unless asked
 
     def suggest_int(self, name, low, high, *, step=1, log=False):
         return self.trial.suggest_int(name, low, high, step=step, log=log)

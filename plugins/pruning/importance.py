@@ -202,7 +202,7 @@ class UnstructuredPruning(MaskedTechnique):
     criterion: ClassVar[str]
 
     def suggest(self, space, task):
-        return self.Config(sparsity=suggest_site_sparsity(space, task.teacher))
+        return self.Config(sparsity=suggest_site_sparsity(space, task))
 
     def apply(self, model: nn.Module, config, ctx: TechniqueContext) -> nn.Module:
         note_unmatched_sites(model, config.sparsity, ctx, self.name)

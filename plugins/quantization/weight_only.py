@@ -72,9 +72,10 @@ from torch import nn
 
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
+from slimforge.core.space import per_layer_knobs
 from slimforge.core.sites import DerivedWeight, WeightSite, derive_weight, uncovered_parameters, weight_sites
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, first_calls,
+from slimforge.plugins.common import (choose_code_storage, suggest_site_bits, codes_from_stored, empty_code_buffer, first_calls,
                                       replace_module, replaceable_layer, restore_derived, setting_for, site_order,
                                       stored_codes, unmatched_settings, weight_layers)
 
@@ -335,9 +336,17 @@ class WeightOnlyQuant(Technique):
         teacher = task.teacher
         sites = weight_sites(teacher)
         order = [sites[name].setting_key for name in site_order(teacher, task.example_inputs(), sites)]
-        keep_ends = space.suggest_categorical("keep_ends_8bit", [True, False])
-        searched = [key for key in order if key not in _ends(order)] if keep_ends else order
-        bits = {key: space.suggest_categorical(f"bits.{key}", list(BIT_CHOICES)) for key in searched}
+        if per_layer_knobs(space):
+            keep_ends = space.suggest_categorical("keep_ends_8bit", [True, False])
+            searched = [key for key in order if key not in _ends(order)] if keep_ends else order
+            bits = {key: space.suggest_categorical(f"bits.{key}", list(BIT_CHOICES)) for key in searched}
+        else:
+            # Global knobs: a mean width over every width the codec stores, allocated by measured
+            # sensitivity, which already gives the first and last layers the bits they need.
+            keep_ends = False
+            by_key = {site.setting_key: site for site in sites.values()}
+            bits = suggest_site_bits(space, task, {key: by_key[key] for key in order},
+                                     tuple(range(BIT_RANGE[0], BIT_RANGE[1] + 1)))
         symmetric = space.suggest_categorical("symmetric", [True, False])
         return WeightOnlyQuantConfig(bits=bits, keep_ends_8bit=keep_ends, symmetric=symmetric)
 

@@ -51,7 +51,7 @@ from slimforge.core.errors import ArtifactError, ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.sites import DerivedWeight, SiteKind, WeightSite, derive_weight, uncovered_parameters, weight_sites
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, packed_size,
+from slimforge.plugins.common import (choose_code_storage, suggest_site_bits, codes_from_stored, empty_code_buffer, packed_size,
                                       replace_module, replaceable_layer, restore_derived, stored_codes,
                                       weight_layers)
 
@@ -287,11 +287,14 @@ class KMeansClustering(Technique):
     cannot_precede = frozenset({"int8_ptq", "int8_dynamic", "weight_only_quant"})
 
     def suggest(self, space, task) -> KMeansConfig:
-        bits = {}
-        for site in weight_sites(task.teacher).values():
+        def per_site_range(site):
             low, high = CONV_BITS_RANGE if site.kind == SiteKind.CONV else FC_BITS_RANGE
-            bits[site.setting_key] = space.suggest_int(f"bits.{site.setting_key}", low, high)
-        return KMeansConfig(bits=bits)
+            return range(low, high + 1)
+
+        # Global knobs: a mean codebook width and its allocation over the sites by sensitivity,
+        # over the union of both ranges (a sensitive Linear may take 8 bits, a robust conv 2).
+        choices = tuple(range(min(FC_BITS_RANGE[0], CONV_BITS_RANGE[0]), max(FC_BITS_RANGE[1], CONV_BITS_RANGE[1]) + 1))
+        return KMeansConfig(bits=suggest_site_bits(space, task, weight_sites(task.teacher), choices, per_site_range))
 
     def apply(self, model: nn.Module, config: KMeansConfig, ctx: TechniqueContext) -> nn.Module:
         sites = weight_sites(model)

@@ -156,7 +156,7 @@ class MaxEntropySparsity(MaskedTechnique):
                    "(tails whole, even sample of the rest); per-layer density searched.")
 
     def suggest(self, space, task) -> MaxEntropySparsityConfig:
-        return MaxEntropySparsityConfig(sparsity=suggest_site_sparsity(space, task.teacher))
+        return MaxEntropySparsityConfig(sparsity=suggest_site_sparsity(space, task))
 
     def apply(self, model: nn.Module, config: MaxEntropySparsityConfig, ctx: TechniqueContext) -> nn.Module:
         note_unmatched_sites(model, config.sparsity, ctx, self.name)

@@ -57,7 +57,7 @@ class RandomSparsity(MaskedTechnique):
     description = "Random unstructured masks (seeded) on every weight site, per-site sparsity searched: baseline for magnitude pruning."
 
     def suggest(self, space, task) -> RandomSparsityConfig:
-        return RandomSparsityConfig(sparsity=suggest_site_sparsity(space, task.teacher))
+        return RandomSparsityConfig(sparsity=suggest_site_sparsity(space, task))
 
     def apply(self, model: nn.Module, config: RandomSparsityConfig, ctx: TechniqueContext) -> nn.Module:
         note_unmatched_sites(model, config.sparsity, ctx, self.name)

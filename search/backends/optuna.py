@@ -28,6 +28,25 @@ PLAN_ATTR = "slimforge_plan"
 INTERRUPTED = "interrupted (the search was stopped while this trial ran)"
 
 
+def make_sampler(name: str, seed: int, n_startup_trials: int = 8):
+    """The study's sampler.  All of them read the budgets as constraints (``Trial.set_constraint``).
+
+    - ``tpe``: multivariate TPE with ``group=True``, which models the conditional space (each
+      technique's knobs exist only in plans that use it) as groups of parameters that occur together,
+      instead of falling back to independent sampling for them;
+    - ``nsga2``: Optuna's NSGA-II genetic algorithm;
+    - ``gp``: Optuna's Gaussian-process sampler (log expected hypervolume improvement);
+    - ``random``: the baseline a model-based sampler has to beat.
+    The default is chosen by measurement (benchmarks/search_quality.py)."""
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, n_startup_trials))
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=True)
+
+
 class OptunaBackend:
     def __init__(self, *, storage: str, study_name: str, seed: int, budgets: Budgets, n_startup_trials: int = 8,
                  close_interrupted: bool = True, sampler_name: str = "tpe"):
@@ -43,9 +62,7 @@ class OptunaBackend:
             raise UnknownNameError("--sampler", sampler_name, SAMPLERS)
 
         def sampler(seed):
-            if sampler_name == "random":  # the baseline a model-based sampler has to beat
-                return optuna.samplers.RandomSampler(seed=seed)
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True)
+            return make_sampler(sampler_name, seed, n_startup_trials)
 
         self.study = optuna.create_study(storage=storage, study_name=study_name, directions=list(DIRECTIONS),
                                          sampler=sampler(seed), load_if_exists=True)
@@ -113,6 +130,11 @@ class OptunaBackend:
         scheduler stopped, FAIL otherwise."""
         storage, trial_id = self.study._storage, trial._trial_id
         storage.set_trial_user_attr(trial_id, RECORD_ATTR, json.dumps(record.to_dict()))
+        # The validation score after each recovery epoch, as Optuna's intermediate values (step =
+        # epoch), so the dashboard draws learning curves.  ``Trial.report`` refuses multi-objective
+        # studies; the storage call it would make does not.
+        for epoch, score in enumerate(record.epoch_scores, start=1):
+            storage.set_trial_intermediate_value(trial_id, epoch, score)
         if record.state in (COMPLETE, REJECTED):
             for key, value in self.budgets.normalized(record.violations).items():
                 trial.set_constraint(key, value)

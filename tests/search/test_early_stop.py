@@ -28,15 +28,30 @@ def test_rule_stops_when_even_an_optimistic_projection_misses_the_floor(tmp_path
     assert r.early_stop(log, epochs_left=0, size_estimate=None) is None  # nothing left to save
 
 
-def test_rule_stops_a_trial_that_can_only_end_up_dominated(tmp_path):
+def _finished(number: int, size: int, scores: list[float]) -> TrialRecord:
+    return TrialRecord(number=number, state=COMPLETE, plan={}, plan_text="", feasible=True, epoch_scores=scores,
+                       measurements=Measurements(accuracy=scores[-1], size_bytes=size, latency_ms=1.0))
+
+
+def test_successive_halving_compares_only_with_trials_at_least_as_small(tmp_path):
     r = runner(tmp_path, Budgets())
-    better = TrialRecord(number=3, state=COMPLETE, plan={}, plan_text="", feasible=True,
-                         measurements=Measurements(accuracy=0.95, size_bytes=1000, latency_ms=1.0))
-    r.history.append(better)
-    log = RecoveryLog(score_before=0.60, scores=[0.62])
+    r.history = [_finished(1, 1000, [0.90, 0.93]), _finished(2, 1100, [0.88, 0.92]), _finished(3, 5000, [0.99])]
+    log = RecoveryLog(score_before=0.60, scores=[0.80])
+    # Rivals no larger than ~1500 B at epoch 1: 0.90 and 0.88; with 0.80 the top 1 of 3 is 0.90.
     reason = r.early_stop(log, epochs_left=2, size_estimate=1500)
-    assert reason is not None and "dominated by trial 3" in reason
-    assert r.early_stop(log, epochs_left=2, size_estimate=900) is None  # smaller than trial 3: may still win
+    assert reason is not None and "successive halving" in reason and "top 1 of 3" in reason
+    # At 900 B no finished trial is as small: nothing to trail, so it goes on.
+    assert r.early_stop(log, epochs_left=2, size_estimate=900) is None
+    # The best of its size class goes on; the big trial 3 never counts against small ones.
+    assert r.early_stop(RecoveryLog(scores=[0.95]), epochs_left=2, size_estimate=1500) is None
+    # Epoch 2 is no rung (rungs are 1, 3, 9, ...).
+    assert r.early_stop(RecoveryLog(scores=[0.5, 0.5]), epochs_left=2, size_estimate=1500) is None
+
+
+def test_successive_halving_waits_for_enough_rivals(tmp_path):
+    r = runner(tmp_path, Budgets())
+    r.history = [_finished(1, 1000, [0.90])]
+    assert r.early_stop(RecoveryLog(scores=[0.10]), epochs_left=2, size_estimate=1500) is None
 
 
 def test_early_stop_is_recorded_and_saves_training_time(tmp_path):

@@ -5,6 +5,7 @@ study's storage; the study's total holds however many processes ask; the search 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 
@@ -14,7 +15,7 @@ import pytest
 import sf_testing_models
 from slimforge.app.cli import main
 from slimforge.core.measure import Measurements
-from slimforge.search.reports import feasible_hypervolume, search_summary
+from slimforge.search.reports import feasible_hypervolume, hypervolume, hypervolume_point, search_summary
 from slimforge.search.settings import SearchSettings
 from slimforge.search.study import SURPLUS_ATTR, WORKER_ATTR, claim_trial
 from slimforge.search.records import COMPLETE, FAILED, REJECTED, SearchResult, TrialRecord
@@ -121,17 +122,29 @@ def test_loop_overhead_is_loop_time_minus_the_trials_own_time():
                         trials=records, pareto=[]).loop_overhead() is None
 
 
-def test_hypervolume_is_over_normalised_objectives_with_reference_1_1():
-    # One point (1 - 0.9, 500 / 1000, 0.5 / 1.0) = (0.1, 0.5, 0.5): box to (1.1, 1.1, 1.1).
-    assert feasible_hypervolume([_record(0)], BASELINE) == pytest.approx(1.0 * 0.6 * 0.6)
-    # Infeasible, failed and dominated trials add nothing; a point outside the box adds nothing.
+def test_hypervolume_is_on_log_size_and_latency_with_a_ten_point_accuracy_window():
+    # (0.98 - 0.9) / 0.1 = 0.8; size 1 - log(2) / log(1000) = 0.8997; latency 1 - log(2) / log(10) = 0.6990.
+    a, s, lat = 0.8, 1 - math.log(2) / math.log(1000), 1 - math.log(2) / math.log(10)
+    assert hypervolume_point(_record(0).measurements, BASELINE) == pytest.approx((a, s, lat))
+    one = (1.1 - a) * (1.1 - s) * (1.1 - lat)
+    assert feasible_hypervolume([_record(0)], BASELINE) == pytest.approx(one, abs=1e-6)
+    # Infeasible, failed and dominated trials add nothing; neither does a collapsed model (more
+    # than 11 points under the baseline: outside the box, however small it is).
     noise = [_record(1, feasible=False, accuracy=0.99, size=10), _record(2, state=FAILED),
-             _record(3, accuracy=0.8, size=600, latency=0.6), _record(4, accuracy=0.99, size=2000)]
-    assert feasible_hypervolume([_record(0), *noise], BASELINE) == pytest.approx(0.36)
-    # A second non-dominated point adds exactly its exclusive volume.
-    both = feasible_hypervolume([_record(0), _record(5, accuracy=0.7, size=100)], BASELINE)
-    assert both == pytest.approx(0.36 + (1.1 - 0.3) * (0.5 - 0.1) * 0.6)
+             _record(3, accuracy=0.85, size=600, latency=0.6), _record(4, accuracy=0.10, size=1)]
+    assert feasible_hypervolume([_record(0), *noise], BASELINE) == pytest.approx(one, abs=1e-6)
+    # On a log axis 100x smaller counts more than 20x smaller at the same accuracy and latency.
+    assert (feasible_hypervolume([_record(5, size=10)], BASELINE)
+            > feasible_hypervolume([_record(6, size=50)], BASELINE) > one)
     assert feasible_hypervolume([], BASELINE) == 0.0
+
+
+def test_hypervolume_matches_inclusion_exclusion_for_two_points():
+    p, q, ref = (0.2, 0.5, 0.4), (0.6, 0.1, 0.3), (1.0, 1.0, 1.0)
+    volume = lambda x: (ref[0] - x[0]) * (ref[1] - x[1]) * (ref[2] - x[2])  # noqa: E731
+    overlap = volume(tuple(max(a, b) for a, b in zip(p, q)))
+    assert hypervolume([p, q], ref) == pytest.approx(volume(p) + volume(q) - overlap)
+    assert hypervolume([p, (0.3, 0.6, 0.5)], ref) == pytest.approx(volume(p))  # a dominated point adds nothing
 
 
 def test_search_summary_counts_what_the_progress_bar_and_summary_show():
@@ -142,7 +155,7 @@ def test_search_summary_counts_what_the_progress_bar_and_summary_show():
                                     "stopped_by_scheduler", "feasible")} == {
         "trials_done": 5, "complete": 2, "failed": 1, "rejected_before_training": 1, "stopped_by_scheduler": 1,
         "feasible": 1}
-    assert summary["hypervolume"] == pytest.approx(0.36)
+    assert summary["hypervolume"] == feasible_hypervolume([_record(0)], BASELINE) > 0
     assert "reference point (1.1, 1.1, 1.1)" in summary["hypervolume_definition"]
 
 

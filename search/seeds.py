@@ -1,0 +1,160 @@
+"""Expert seeds: the plans a careful engineer would try first, enqueued before the sampler draws.
+
+A search should start at least where a person with the literature at hand would.  These plans
+are queued as the study's first trials (``optuna.Study.enqueue_trial``), scaled to the size
+budget, and then the sampler learns from them like from any trial:
+
+- **Deep Compression** (Han et al. 2016): magnitude pruning -> retrain -> k-means weight sharing
+  -> fine-tune the centroids, at 5 and at 4 bits;
+- **pruning + weight-only quantization**: the same, with a uniform grid instead of a codebook;
+- **int8 post-training quantization** (only where int8's ~3.5x can meet the size budget);
+- **structured pruning + int8**: fewer channels, then int8;
+- **a distilled student**: a narrower copy of the teacher initialised from it, trained with
+  knowledge distillation, weight-only quantized.
+
+Each seed names techniques and a few knob values; ``SeedSuggester`` answers the planner's
+questions from them, so the enqueued parameters are exactly the names and ranges the planner
+asks for (a seed whose techniques are not all enabled, or that the composition rules refuse, is
+left out).  Knobs a seed does not name get the middle of their range.
+
+Scaling to the budget uses a rough bytes model of our artifact, measured on LeNet-5: a pruned and
+5-bit-shared weight costs ``SPARSE_BYTES_PER_KEPT`` of a dense fp32 weight's deflated bytes
+(index gaps and codes, entropy coded).  Seeds that still overshoot are rejected untrained by the
+size check (cheaply), so the model only needs to be roughly right.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from slimforge.core.planner import Planner
+from slimforge.search.budgets import Budgets
+
+# Deep Compression's LeNet-5 (8 % density, 5-bit fc / 8-bit conv codes) measured 29.5x smaller
+# than our dense artifact: a kept weight costs 1 / (29.5 * 0.08) = 0.42 of a dense one.
+SPARSE_BYTES_PER_KEPT = 0.42
+CODE_BITS_OVERHEAD = 3.5  # index-gap bits per kept weight, on top of its code bits
+INT8_RATIO = 3.5  # int8 artifacts of small CNNs/MLPs: 3.1-3.8x (benchmarks/compression.py)
+MARGIN = 0.85  # aim under the budget: estimates are rough, and a rejected seed teaches little
+SEED_ATTR = "slimforge_expert_seed"  # the trial's user attr naming the seed it was queued as
+
+
+class NotSeedable(Exception):
+    """The planner cannot build this seed here (a technique missing or refused)."""
+
+
+@dataclass(frozen=True)
+class Seed:
+    label: str
+    techniques: dict[str, dict[str, Any]]  # technique -> knob values (unscoped names)
+    recovery: dict[str, Any]
+
+
+class SeedSuggester:
+    """Answers the planner from a seed and records every answer (the params to enqueue)."""
+
+    per_layer = False
+
+    def __init__(self, seed: Seed):
+        self.seed, self.params = seed, {}
+
+    def _knob(self, name: str):
+        scope, _, knob = name.partition(".")
+        knobs = self.seed.recovery if scope == "recovery" else self.seed.techniques.get(scope, {})
+        return knobs.get(knob.split("[")[0])
+
+    def suggest_categorical(self, name, choices):
+        choices = list(choices)
+        if name.startswith("use."):
+            wanted = [c for c in choices if c in self.seed.techniques]
+            if not wanted and "none" not in choices:
+                raise NotSeedable(name)
+            value = wanted[0] if wanted else "none"
+        else:
+            value = self._knob(name)
+            value = value if value in choices else choices[0]
+        self.params[name] = value
+        return value
+
+    def suggest_float(self, name, low, high, *, step=None, log=False):
+        value = self._knob(name)
+        if value is None:
+            value = math.sqrt(low * high) if log and low > 0 else (low + high) / 2
+        value = min(high, max(low, float(value)))
+        if step:
+            value = round(low + step * round((value - low) / step), 10)
+        self.params[name] = value
+        return value
+
+    def suggest_int(self, name, low, high, *, step=1, log=False):
+        value = self._knob(name)
+        value = (low + high) // 2 if value is None else int(round(value))
+        value = min(high, max(low, low + step * ((value - low) // step)))
+        self.params[name] = value
+        return value
+
+
+def expert_plans(dense_bytes: int, budgets: Budgets) -> list[Seed]:
+    """The seeds, scaled to ``budgets.max_size_bytes`` (a fraction of ``dense_bytes``)."""
+    fraction = min(1.0, budgets.max_size_bytes / dense_bytes) if budgets.max_size_bytes else None
+
+    def density(bits: int, unbudgeted: float) -> float:
+        """Overall density whose sparse ``bits``-bit codes fit the budget (``unbudgeted`` without one)."""
+        if fraction is None:
+            return unbudgeted
+        per_kept = SPARSE_BYTES_PER_KEPT * (bits + CODE_BITS_OVERHEAD) / (5 + CODE_BITS_OVERHEAD)
+        return round(min(0.5, max(0.01, MARGIN * fraction / per_kept)), 4)
+
+    # Deep Compression's recipe: 6 epochs of retraining the pruned weights, then the shared ones
+    # are fine-tuned.  Allocation 0.5 spreads LeNet-5's 8 % as conv1 35 %, conv2 28 %, fc1 6 %,
+    # fc2 33 % (the paper's hand allocation: 66 / 12 / 8 / 19 %).
+    fine_tune = {"epochs": 2, "lr": 1e-3, "before_sharing_epochs": 6}
+    allocation = 0.5
+    seeds = [
+        Seed("Deep Compression (prune > retrain > 5-bit k-means > fine-tune)",
+             {"magnitude_pruning": {"density": density(5, 0.08), "allocation": allocation},
+              "kmeans_clustering": {"bits": 5.0, "allocation": allocation}}, fine_tune),
+        Seed("Deep Compression at 4 bits, sparser",
+             {"magnitude_pruning": {"density": density(4, 0.05), "allocation": allocation},
+              "kmeans_clustering": {"bits": 4.0, "allocation": allocation}}, fine_tune),
+        Seed("pruning > 5-bit weight-only quantization",
+             {"magnitude_pruning": {"density": density(5, 0.08), "allocation": allocation},
+              "weight_only_quant": {"bits": 5.0, "allocation": allocation, "symmetric": True}},
+             {"epochs": 6, "lr": 1e-3}),
+    ]
+    if fraction is None or fraction * INT8_RATIO >= 1 / MARGIN:
+        seeds.append(Seed("int8 post-training quantization", {"int8_ptq": {"calibration_batches": 8}}, {}))
+    # Structured pruning keeps (1 - s) of each layer's channels, so inner layers keep (1 - s)^2 of
+    # their weights; int8 divides by ~3.5 more.
+    keep = 1.0 if fraction is None else min(1.0, MARGIN * fraction * INT8_RATIO)
+    channel_sparsity = round(min(0.8, max(0.1, 1 - math.sqrt(keep)) if fraction else 0.5), 2)
+    seeds.append(Seed("structured pruning > int8", {"structured_pruning": {"criterion": "magnitude",
+                                                                           "channel_sparsity": channel_sparsity},
+                                                    "int8_ptq": {"calibration_batches": 8}},
+                      {"epochs": 3, "lr": 1e-3}))
+    # A student of width w keeps ~w^2 of the weights; 4-bit codes are 1/8 of fp32.
+    width = 0.25 if fraction is None else min(0.75, max(0.05, math.sqrt(MARGIN * fraction * 8)))
+    seeds.append(Seed("distilled student (width-reduced copy > knowledge distillation > 4-bit)",
+                      {"parameter_distillation": {"width": round(width, 3), "depth": 1.0},
+                       "knowledge_distillation": {"alpha": 0.5, "temperature": 4.0},
+                       "weight_only_quant": {"bits": 4.0, "allocation": 1.0, "symmetric": True}},
+                      {"epochs": 10, "lr": 2e-3}))
+    return seeds
+
+
+def seed_params(planner: Planner, task, dense_bytes: int, budgets: Budgets, limit: int) -> list[tuple[str, dict]]:
+    """``(label, params)`` of the seeds this planner can build, at most ``limit`` of them."""
+    out = []
+    for seed in expert_plans(dense_bytes, budgets):
+        if len(out) >= limit:
+            break
+        space = SeedSuggester(seed)
+        try:
+            plan = planner.sample(space, task, seed=0)
+        except NotSeedable:
+            continue
+        if {step.technique for step in plan.steps} == set(seed.techniques):
+            out.append((seed.label, space.params))
+    return out
