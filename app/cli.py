@@ -210,11 +210,12 @@ def format_result(result) -> str:
 
     s = search_summary(result.trials, result.baseline)
     stopped = f", {s['stopped_by_scheduler']} stopped by the scheduler" if s["stopped_by_scheduler"] else ""
+    stopped += f", {s['stopped_early']} stopped early" if s["stopped_early"] else ""
     hypervolume = f"{s['hypervolume']:.4f}" if s["hypervolume"] is not None else "n/a"
     lines = [f"study {result.study_name}: {s['trials_done']} trials done - {s['complete']} complete, "
              f"{s['rejected_before_training']} rejected before training, {s['failed']} failed{stopped}, "
-             f"{s['feasible']} feasible; feasible-front hypervolume {hypervolume} (normalised to the baseline, "
-             f"reference 1.1; see summary.json)",
+             f"{s['feasible']} feasible; feasible-front hypervolume {hypervolume} (log size and latency, "
+             f"normalised to the baseline; see summary.json)",
              f"baseline: {result.baseline.accuracy:.4f} val / {result.baseline_test.accuracy:.4f} test, "
              f"{result.baseline.size_bytes / 1000:.1f} KB, {result.baseline.latency_ms:.3f} ms", ""]
     if not result.pareto:

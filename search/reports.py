@@ -167,6 +167,7 @@ def search_summary(records: list[TrialRecord], baseline: Measurements) -> dict[s
         "failed": states.count(FAILED),
         "rejected_before_training": states.count(REJECTED),
         "stopped_by_scheduler": sum(s not in (COMPLETE, FAILED, REJECTED) for s in states),
+        "stopped_early": sum(bool(r.stopped_early) for r in records),  # successive halving / the accuracy budget
         "feasible": sum(r.feasible for r in records),
         "hypervolume": feasible_hypervolume(records, baseline),
         "hypervolume_definition": HYPERVOLUME_DEFINITION,
@@ -179,6 +180,8 @@ def progress_text(records: list[TrialRecord], baseline: Measurements) -> str:
     text = f"done {s['trials_done']}, failed {s['failed']}, rejected {s['rejected_before_training']}"
     if s["stopped_by_scheduler"]:
         text += f", stopped {s['stopped_by_scheduler']}"
+    if s["stopped_early"]:
+        text += f", stopped early {s['stopped_early']}"
     if s["hypervolume"] is not None:
         text += f" | HV {s['hypervolume']:.4f}"
     feasible = [r for r in records if r.feasible and r.measurements is not None]
