@@ -116,12 +116,9 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
 
 def _enqueue_expert_seeds(backend, planner: Planner, task: Task, baseline: Measurements, budgets: Budgets,
                           settings: SearchSettings) -> None:
-    """A new study starts with the expert plans (``search.seeds``), up to a quarter of its trials;
-    the sensitivity the global knobs are allocated by is measured (or loaded) first, here."""
-    if not settings.per_layer_knobs:
-        from slimforge.core.sensitivity import sensitivity_of
-
-        sensitivity_of(task, log=log)
+    """A new study starts with the expert plans (``search.seeds``), up to a quarter of its trials.
+    (Planning them measures the teacher's sensitivity, ``core.sensitivity``, if a seed's technique
+    asks for it; otherwise the first plan that needs it does.)"""
     if not settings.expert_seeds or backend.study.get_trials(deepcopy=False):
         return
     if settings.per_layer_knobs:
