@@ -198,6 +198,15 @@ class RegisteredTechnique:
     source: str  # distribution that provided it, e.g. "slimforge 0.1.0" or "slimforge-foo 1.2"
 
 
+class TechniqueUnavailableError(UnknownNameError):
+    """A technique name that is not registered, said together with why: the plugin that provides
+    it is installed but failed to load, or (when the name is not known) which plugins did."""
+
+    def __init__(self, name: str, choices, message: str):
+        super().__init__("technique", name, choices)
+        self.args = (message,)
+
+
 class TechniqueRegistry:
     """Typed registry filled by the ``slimforge_register_techniques`` hook."""
 
@@ -206,6 +215,11 @@ class TechniqueRegistry:
     def __init__(self) -> None:
         self._entries: dict[str, RegisteredTechnique] = {}
         self.current_source = "unknown"  # set by the plugin manager around each plugin's hook call
+        # Set by the plugin manager: plugins that failed to load, ``{plugin: reason}``, and the
+        # technique names each is known to provide, ``{technique: plugin}`` (the names its module
+        # defines, or the entry-point name), so a request for one is answered with the cause.
+        self.failed_plugins: dict[str, str] = {}
+        self.failed_techniques: dict[str, str] = {}
 
     def add(self, cls: type[Technique]) -> None:
         missing = [attr for attr in self._REQUIRED if not hasattr(cls, attr)]
@@ -233,7 +247,16 @@ class TechniqueRegistry:
         try:
             return self._entries[name].cls()
         except KeyError:
-            raise UnknownNameError("technique", name, self._entries) from None
+            pass
+        if name in self.failed_techniques:
+            plugin = self.failed_techniques[name]
+            raise TechniqueUnavailableError(name, self._entries, f"technique {name!r}: installed but failed to load: "
+                                            f"plugin {plugin!r} ({self.failed_plugins[plugin]})")
+        if self.failed_plugins:
+            error = UnknownNameError("technique", name, self._entries)
+            broken = ", ".join(f"{plugin!r} ({reason})" for plugin, reason in self.failed_plugins.items())
+            raise TechniqueUnavailableError(name, self._entries, f"{error}; plugins that failed to load: {broken}")
+        raise UnknownNameError("technique", name, self._entries) from None
 
     def source_of(self, name: str) -> str:
         return self._entries[name].source

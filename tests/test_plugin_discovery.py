@@ -160,6 +160,55 @@ def test_a_plugin_whose_technique_breaks_the_contract_is_skipped(site, capsys):
     assert capsys.readouterr().err == f"slimforge: warning: skipping plugin 'badfamily': {reason}\n"
 
 
+# A hook implementation with an argument the hookspec does not have: pluggy refuses it at registration.
+WRONG_SIGNATURE = GOOD.replace('"polish"', '"h1_ternary"').replace(
+    "def slimforge_register_techniques(registry):", "def slimforge_register_techniques(registry, task):")
+WRONG_SIGNATURE_REASON = ("slimforge-h1 0.3: failed to load: PluginValidationError: Plugin 'h1' for hook "
+                          "'slimforge_register_techniques'; hookimpl definition: slimforge_register_techniques"
+                          "(registry, task); Argument(s) {'task'} are declared in the hookimpl but can not be found "
+                          "in the hookspec")
+
+
+def test_a_hook_signature_error_is_one_startup_line_and_the_answer_when_its_technique_is_asked_for(site, capsys):
+    _make_distribution(site, "slimforge-h1", {"h1": "sf_h1_plugin"}, {"sf_h1_plugin": WRONG_SIGNATURE}, "0.3")
+    plugins = Plugins()
+    assert capsys.readouterr().err == f"slimforge: warning: skipping plugin 'h1': {WRONG_SIGNATURE_REASON}\n"
+    expected = f"technique 'h1_ternary': installed but failed to load: plugin 'h1' ({WRONG_SIGNATURE_REASON})"
+    with pytest.raises(LookupError) as info:  # still an UnknownNameError for callers that catch one
+        plugins.registry.get("h1_ternary")
+    assert str(info.value) == expected
+    with pytest.raises(LookupError, match=re.escape(expected)):
+        Planner(plugins.registry, ["h1_ternary", "magnitude_pruning"])
+    # A name no plugin is known to provide still lists the valid ones, and says which plugin failed.
+    with pytest.raises(LookupError) as info:
+        plugins.registry.get("h2_binary")
+    assert str(info.value).startswith("technique: unknown 'h2_binary'; valid choices: cosine_merge, ")
+    assert str(info.value).endswith(f"; plugins that failed to load: 'h1' ({WRONG_SIGNATURE_REASON})")
+
+
+def test_the_search_command_answers_failed_to_load_before_any_work(site, capsys, tmp_path):
+    _make_distribution(site, "slimforge-h1", {"h1": "sf_h1_plugin"}, {"sf_h1_plugin": WRONG_SIGNATURE}, "0.3")
+    config = tmp_path / "task.toml"
+    config.write_text(sf_testing_models.task_toml())
+    assert main(["search", "--config", str(config), "--techniques", "h1_ternary", "--trials", "1", "--no-tracking",
+                 "--no-progress", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == [f"slimforge: warning: skipping plugin 'h1': {WRONG_SIGNATURE_REASON}",
+                   f"slimforge: error: technique 'h1_ternary': installed but failed to load: plugin 'h1' "
+                   f"({WRONG_SIGNATURE_REASON})"], err
+    assert not (tmp_path / "out" / "baseline.slim").exists()  # refused before the baseline was measured
+
+
+def test_a_plugin_passed_explicitly_and_installed_too_is_registered_once(site, capsys):
+    _make_distribution(site, "slimforge-polish", {"polish": "sf_polish_plugin"}, {"sf_polish_plugin": GOOD}, "2.0")
+    import sf_polish_plugin
+
+    plugins = Plugins(extra_plugins=(sf_polish_plugin,))
+    assert capsys.readouterr().err == ""
+    assert plugins.registry.source_of("polish") == "slimforge-polish 2.0"  # the entry point's, not "extra"
+    assert [p for p in plugins.pm.get_plugins() if p is sf_polish_plugin] == [sf_polish_plugin]
+
+
 # --- a working third-party plugin, and (c) disabling by name ----------------------------------------
 
 def test_a_third_party_technique_is_listed_with_its_package_family_and_stage(site):
