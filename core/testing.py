@@ -260,13 +260,14 @@ class TechniqueConformance:
             assert self._suggest(technique, task, seed) == self._suggest(technique, task, seed)
 
     def test_artifact_round_trip_is_bitwise(self):
+        # A temporary folder of its own, not pytest's tmp_path: the kit's tests take only self.
+        with tempfile.TemporaryDirectory() as folder:
+            self._check_round_trips(Path(folder))
+
+    def _check_round_trips(self, tmp_path: Path) -> None:
         from slimforge.core.compressed import load_model, save_model
         from slimforge.core.outputs import logits_of
 
-        with tempfile.TemporaryDirectory() as folder:
-            self._round_trips(Path(folder), load_model, save_model, logits_of)
-
-    def _round_trips(self, tmp_path: Path, load_model, save_model, logits_of) -> None:
         plugins = self._plugins()
         technique = plugins.registry.get(self.technique)
         for architecture in self.architectures:

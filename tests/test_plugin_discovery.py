@@ -32,6 +32,7 @@ from slimforge.core.space import FixedSuggester
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "third_party_plugin"
+EXAMPLE_DIST = "slimforge-example-plugins"
 
 BROKEN = """raise RuntimeError("boom at import")\n"""
 
@@ -304,9 +305,9 @@ def _is_installed(name: str) -> bool:
 def example_package(tmp_path):
     """Install examples/third_party_plugin into this environment; uninstalled at teardown whatever
     the test did.  Built from a copy, so no build/ or *.egg-info lands in the repository."""
-    if _is_installed("slimforge-bias-correction"):
-        pytest.skip("slimforge-bias-correction is already installed here; this test would uninstall it")
-    source = tmp_path / "slimforge-bias-correction"
+    if _is_installed(EXAMPLE_DIST):
+        pytest.skip(f"{EXAMPLE_DIST} is already installed here; this test would uninstall it")
+    source = tmp_path / EXAMPLE_DIST
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__",
                                                                    ".pytest_cache"))
     try:
@@ -314,7 +315,7 @@ def example_package(tmp_path):
         assert proc.returncode == 0, proc.stderr
         yield source
     finally:
-        _pip("uninstall", "-y", "slimforge-bias-correction")
+        _pip("uninstall", "-y", EXAMPLE_DIST)
 
 
 def _listed(slimforge_cmd, env) -> dict[str, list[str]]:
@@ -331,7 +332,8 @@ def test_the_example_plugin_installs_searches_and_uninstalls(example_package, tm
     env["OMP_NUM_THREADS"] = "1"
     rows = _listed(slimforge_cmd, env)
     assert rows["bias_correction"][:4] == ["bias_correction", "correction", "75 (after quantization)",
-                                           "slimforge-bias-correction 0.1.0"]
+                                           f"{EXAMPLE_DIST} 0.2.0"]
+    assert rows["ternary"][:4] == ["ternary", "quantization", "70 (quantization)", f"{EXAMPLE_DIST} 0.2.0"]
 
     config = tmp_path / "task.toml"
     config.write_text(sf_testing_models.task_toml())
@@ -351,6 +353,7 @@ def test_the_example_plugin_installs_searches_and_uninstalls(example_package, tm
     assert any(re.fullmatch(r"bias_correction: corrected 3 layer\(s\); largest channel shift 0\.0\d+ in '\w+'", note)
                for note in notes), notes
 
-    proc = _pip("uninstall", "-y", "slimforge-bias-correction")
+    proc = _pip("uninstall", "-y", EXAMPLE_DIST)
     assert proc.returncode == 0, proc.stderr
-    assert "bias_correction" not in _listed(slimforge_cmd, env)
+    listed = _listed(slimforge_cmd, env)
+    assert "bias_correction" not in listed and "ternary" not in listed
