@@ -40,7 +40,12 @@ def slimforge_register_techniques(registry):
     """(stable) Add technique classes to ``registry`` (a ``TechniqueRegistry``): ``registry.add(Cls)``.
 
     Every plugin's implementation runs; the planner later calls techniques directly, so no hook
-    fans ``apply`` out to all plugins.
+    fans ``apply`` out to all plugins.  ``registry.add`` checks the rules the search relies on
+    (name, stage with ``needs_recovery``, the ``suggest`` signature, a JSON round trip of the
+    default config) and raises a one-line ``PluginError``; a third-party plugin whose
+    implementation raises is skipped with one line on stderr, and a later request for one of its
+    techniques answers "installed but failed to load" with that line.  The names a plugin may
+    import are ``slimforge.plugins.api``'s.
     """
 
 

@@ -19,7 +19,7 @@ import pluggy
 
 from slimforge.core import hookspecs
 from slimforge.core.errors import PluginError
-from slimforge.core.technique import TechniqueRegistry, family_name, stage_label
+from slimforge.core.technique import Technique, TechniqueRegistry, family_name, stage_label
 
 ENTRY_POINT_GROUP = "slimforge"
 
@@ -29,6 +29,24 @@ def _version() -> str:
         return metadata.version("slimforge")
     except metadata.PackageNotFoundError:
         return "dev"
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line: pluggy's signature errors span three, and a start-up warning
+    is one line per plugin."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {'; '.join(lines)}"
+
+
+def _technique_names(plugin: Any) -> list[str]:
+    """Names of the technique classes a plugin object (usually its module) defines itself: what a
+    user may ask for when the plugin failed to load."""
+    if plugin is None or not hasattr(plugin, "__dict__"):
+        return []
+    home = getattr(plugin, "__name__", type(plugin).__module__)
+    return [value.name for value in vars(plugin).values()
+            if isinstance(value, type) and issubclass(value, Technique) and value.__module__ == home
+            and isinstance(value.__dict__.get("name"), str)]
 
 
 class Plugins:
@@ -44,6 +62,8 @@ class Plugins:
 
         self.strict, self.disabled = strict, set(disabled)
         self.skipped: list[tuple[str, str]] = []  # (plugin, reason) for third-party plugins left out
+        self._failed: dict[str, str] = {}  # plugin -> reason, for the ones that failed (not disabled)
+        self._failed_techniques: dict[str, str] = {}  # technique name -> the failed plugin providing it
         self._entry_point_plugins: set[str] = set()
         self.pm = pluggy.PluginManager("slimforge")
         self.pm.add_hookspecs(hookspecs)
@@ -62,11 +82,15 @@ class Plugins:
             try:
                 self._register(importlib.import_module(module_name), module_name, f"{module_name} (SLIMFORGE_PLUGINS)")
             except Exception as exc:
-                self._fail(module_name, f"SLIMFORGE_PLUGINS: failed to load: {type(exc).__name__}: {exc}", exc)
+                self._fail(module_name, f"SLIMFORGE_PLUGINS: failed to load: {_one_line(exc)}", exc,
+                           sys.modules.get(module_name))
                 continue
             self._entry_point_plugins.add(module_name)
         for plugin in extra_plugins:
-            self._register(plugin, None, "extra")
+            # A plugin passed explicitly that its installed entry point already registered (a
+            # package's tests run with the package installed): once is enough.
+            if not self.pm.is_registered(plugin):
+                self._register(plugin, None, "extra")
         self.pm.hook.slimforge_addhooks.call_historic(kwargs={"pluginmanager": self.pm})
         self._check_unknown_hooks()
         self.registry = self._collect_techniques()
@@ -84,18 +108,25 @@ class Plugins:
                 if ep.name in self.disabled:
                     self.skipped.append((ep.name, f"{source}: disabled by configuration"))
                     continue
+                plugin = None
                 try:
-                    self._register(ep.load(), ep.name, source)
+                    plugin = ep.load()
+                    self._register(plugin, ep.name, source)
                 except Exception as exc:  # import error, or pluggy rejecting a malformed hookimpl
-                    self._fail(ep.name, f"{source}: failed to load: {type(exc).__name__}: {exc}", exc)
+                    self._fail(ep.name, f"{source}: failed to load: {_one_line(exc)}", exc, plugin)
                     continue
                 self._entry_point_plugins.add(ep.name)
 
-    def _fail(self, plugin: str, reason: str, exc: BaseException | None = None) -> None:
-        """A third-party plugin failed: fatal in strict mode, otherwise named and skipped."""
+    def _fail(self, plugin: str, reason: str, exc: BaseException | None = None, obj: Any = None) -> None:
+        """A third-party plugin failed: fatal in strict mode, otherwise named and skipped, on one
+        line now; a later request for one of its techniques answers with the same reason
+        (``TechniqueRegistry.get``).  ``obj`` is the plugin object when it imported."""
         if self.strict:
             raise PluginError(f"plugin {plugin!r} ({reason}); run without --strict-plugins to skip it") from exc
         self.skipped.append((plugin, reason))
+        self._failed[plugin] = reason
+        for name in (plugin, *_technique_names(obj)):
+            self._failed_techniques.setdefault(name, plugin)
         print(f"slimforge: warning: skipping plugin {plugin!r}: {reason}", file=sys.stderr)
 
     def _check_unknown_hooks(self) -> None:
@@ -111,7 +142,7 @@ class Plugins:
                     name = self.pm.get_name(plugin)
                     if name in self._entry_point_plugins:
                         self.pm.unregister(plugin)
-                        self._fail(name, f"{self._sources[name]}: implements unknown hook {attr!r}")
+                        self._fail(name, f"{self._sources[name]}: implements unknown hook {attr!r}", obj=plugin)
                         break
                     raise PluginError(f"plugin {label!r} implements unknown hook {attr!r}")
 
@@ -129,9 +160,13 @@ class Plugins:
                 if impl.plugin_name not in self._entry_point_plugins:
                     raise  # a broken built-in or explicitly passed plugin: never hide it
                 registry.remove(set(registry.names()) - before)
-                self._fail(impl.plugin_name, f"{source}: failed to register techniques: {type(exc).__name__}: {exc}", exc)
+                self._fail(impl.plugin_name, f"{source}: failed to register techniques: {_one_line(exc)}", exc,
+                           impl.plugin)
         registry.current_source = "unknown"
         registry.remove(self.disabled & set(registry.names()))
+        registry.failed_plugins = dict(self._failed)
+        registry.failed_techniques = {name: plugin for name, plugin in self._failed_techniques.items()
+                                      if name not in registry}
         return registry
 
     # --- hook calls ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimforge.core.errors import ConfigError
+from slimforge.core.errors import ConfigError, SlimforgeError
 from slimforge.core.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -78,8 +78,31 @@ class Measurements:
         return asdict(self)
 
 
+class BrokenOutputsError(SlimforgeError, ValueError):
+    """A model's outputs on the data it is scored on are unusable: not finite (NaN, inf), or not one
+    row per example.  Such a model is never a result: a metric such as accuracy still returns a
+    number for NaN logits (argmax picks some class), so without this check a broken model would be
+    recorded as complete and could land on the Pareto front."""
+
+
+def check_outputs(outputs: torch.Tensor, examples: int) -> None:
+    """Raise ``BrokenOutputsError`` unless ``outputs`` has one row per example and is finite."""
+    import torch
+
+    if outputs.dim() == 0 or outputs.shape[0] != examples:
+        raise BrokenOutputsError(f"outputs have shape {list(outputs.shape)} for {examples} examples "
+                                 "(one row per example expected)")
+    finite = torch.isfinite(outputs.reshape(examples, -1)).all(dim=1)
+    if not bool(finite.all()):
+        kinds = "/".join(k for k, has in (("NaN", bool(torch.isnan(outputs).any())),
+                                           ("inf", bool(torch.isinf(outputs).any()))) if has)
+        raise BrokenOutputsError(f"outputs are not finite ({kinds}) for {examples - int(finite.sum())} of "
+                                 f"{examples} examples")
+
+
 def evaluate(model: torch.nn.Module, dataset, metric, device: str = "cpu", batch_size: int = 500) -> float:
-    """The task metric of ``model`` on the whole of ``dataset``."""
+    """The task metric of ``model`` on the whole of ``dataset``; ``BrokenOutputsError`` when the
+    outputs are non-finite or not one row per example (``check_outputs``)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -91,7 +114,9 @@ def evaluate(model: torch.nn.Module, dataset, metric, device: str = "cpu", batch
         for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             outputs.append(logits_of(model(x.to(device))).float().cpu())
             targets.append(y)
-    return float(metric(torch.cat(outputs), torch.cat(targets)))
+    outputs, targets = torch.cat(outputs), torch.cat(targets)
+    check_outputs(outputs, len(targets))
+    return float(metric(outputs, targets))
 
 
 def time_forward(model, example_inputs, device: str, settings: LatencySettings) -> LatencyStats:
@@ -199,13 +224,20 @@ def file_lock(path: Path | None):
 def measure_artifact(path: Path | str, *, task: Task, plugins: Plugins, split: str, device: str = "cpu",
                      latency: LatencySettings = LatencySettings(), latency_lock: Path | None = None) -> Measurements:
     """Load the artifact as a user would, then measure what was loaded: the task metric on
-    ``split``, latency under ``latency_lock`` (so concurrent trials never time at once), and the
+    ``split`` (outputs checked first: ``BrokenOutputsError`` names the plan's last technique), latency under ``latency_lock`` (so concurrent trials never time at once), and the
     file's size through the ``measure_size`` hook."""
     from slimforge.core.compressed import load_model
 
     loaded = load_model(path, plugins.registry, task=task)
     where = _device_for(loaded.model, device)
-    accuracy = evaluate(loaded.model.to(where), task.split(split), task.metric, device=where)
+    try:
+        accuracy = evaluate(loaded.model.to(where), task.split(split), task.metric, device=where)
+    except BrokenOutputsError as exc:
+        # One line a trial record, the baseline check and `slimforge evaluate` all show as is.
+        last = loaded.plan.steps[-1].technique if loaded.plan.steps else None
+        by = f"after technique {last!r}" if last else "of the uncompressed model"
+        raise BrokenOutputsError(f"the loaded artifact's {exc} on the {split!r} split, {by}; "
+                                 "not counted as a result") from None
     with file_lock(latency_lock):
         stats = plugins.measure_latency(loaded.model, task.example_inputs(latency.batch_size), where, latency)
     return Measurements(accuracy=accuracy, size_bytes=plugins.measure_size(path), latency_ms=stats.median_ms,

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
+import json
+import re
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,8 +47,18 @@ class Family(str, enum.Enum):
 
 
 class Stage(enum.IntEnum):
-    """Order of techniques in a plan.  Stages below ``RECOVERY`` change structure and run before
-    recovery training; stages above it finish the trained model (sharing, quantization)."""
+    """Order of techniques in a plan; what each range of stages triggers is ``stage_phase``.
+
+    - below ``SHARING`` (45): structural steps (student, pruning, factorization, sparsity), applied
+      to the teacher's copy before recovery training;
+    - ``SHARING`` .. 47: sharing steps (clustering, merging); after an earlier structural step the
+      planner may add a retrain-before-sharing phase (``retrains_before_sharing``);
+    - ``TRAINING`` .. 49: steps that change only how recovery trains (distillation losses);
+    - ``RECOVERY`` (50) and above: finishing steps, applied to the trained model; nothing
+      fine-tunes after them, so such a technique may not declare ``needs_recovery``.
+
+    A plan is fine-tuned (``recovery.epochs`` searched) only when one of its techniques declares
+    ``needs_recovery = True``."""
 
     STUDENT_INIT = 10
     PRUNING = 20
@@ -65,6 +78,44 @@ def retrains_before_sharing(stages) -> bool:
     return any(s < Stage.SHARING for s in stages) and any(Stage.SHARING <= s < Stage.TRAINING for s in stages)
 
 
+def stage_phase(stage: int) -> str:
+    """What a step at ``stage`` takes part in (see ``Stage``): ``"structural"``, ``"sharing"``,
+    ``"training"`` or ``"finishing"``."""
+    if stage < Stage.SHARING:
+        return "structural"
+    if stage < Stage.TRAINING:
+        return "sharing"
+    return "training" if stage < Stage.RECOVERY else "finishing"
+
+
+# A technique's name is a parameter prefix (``magnitude_pruning.sparsity.fc1``) and an item of
+# comma-separated flags (``--techniques a,b``), so it may hold neither dots nor commas.
+TECHNIQUE_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def json_round_trip_problem(technique: type[Technique], config: Any) -> str | None:
+    """Why ``config`` does not come back equal from a JSON round trip of ``config_to_dict`` (plans
+    and artifact headers are JSON: a tuple comes back as a list, a set not at all), naming the
+    first field at fault; None when it does."""
+    values = technique.config_to_dict(config)
+    for name, value in values.items():
+        try:
+            again = json.loads(json.dumps(value))
+        except (TypeError, ValueError) as exc:
+            return f"config field {name!r} is not JSON ({exc})"
+        if again != value or type(again) is not type(value):
+            return (f"config field {name!r} = {value!r} comes back from JSON as {again!r}; use a JSON type "
+                    "(list, dict, str, number, bool, None) or convert it in __post_init__")
+    try:
+        rebuilt = technique.config_from_dict(json.loads(json.dumps(values)))
+    except Exception as exc:
+        return f"config does not rebuild from its JSON ({type(exc).__name__}: {exc})"
+    if rebuilt != config:
+        fields = [f.name for f in dataclasses.fields(config) if getattr(rebuilt, f.name) != getattr(config, f.name)]
+        return f"config field {fields[0] if fields else '?'!r} differs after a JSON round trip"
+    return None
+
+
 def family_name(family: Family | str) -> str:
     """``Family.PRUNING`` and ``"pruning"`` both -> ``"pruning"`` (third-party families are strings)."""
     return family.value if isinstance(family, Family) else str(family)
@@ -81,7 +132,12 @@ def stage_label(stage: Stage | int) -> str:
 
 @dataclass
 class TechniqueContext:
-    """Per-trial, per-technique scratch space handed to every technique method."""
+    """Per-trial, per-technique scratch space handed to every technique method.
+
+    ``device`` is the search's device (``--device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``).  Structural
+    and training-stage steps get the model there; finishing steps (stage >= ``Stage.RECOVERY``) get
+    it on the CPU, where the artifact is written.  A technique that computes with its own tensors
+    (calibration batches, a regressor) puts them on the model's device, not on ``ctx.device``."""
 
     task: Task
     device: str = "cpu"
@@ -115,7 +171,9 @@ class Technique:
     stage: ClassVar[Stage | int]
     Config: ClassVar[type]
     description: ClassVar[str] = ""
-    # True when the technique leaves the model in need of recovery training (e.g. pruning).
+    # True when the technique leaves the model in need of recovery training (e.g. pruning): the
+    # planner then searches recovery epochs for the plan.  Only for stages below Stage.RECOVERY
+    # (checked at registration): nothing trains after a finishing step.
     needs_recovery: ClassVar[bool] = False
     # Composition rules the planner honours: technique names this one may not come after / before
     # in a plan (e.g. int8 quantization cannot follow k-means clustering: the clustered layers are
@@ -134,7 +192,14 @@ class Technique:
 
     # --- search ----------------------------------------------------------------------------------
     def suggest(self, space: Suggester, task: Task) -> Any:
-        """Return a ``Config`` built from define-by-run suggestions on ``space``."""
+        """Return a ``Config`` built from define-by-run suggestions on ``space`` (a ``Suggester``):
+        ``space.suggest_int(name, low, high, *, step=1, log=False)``, ``space.suggest_float(name,
+        low, high, *, step=None, log=False)`` (``step`` and ``log`` exclusive, as in Optuna),
+        ``space.suggest_categorical(name, choices)`` with JSON-scalar choices.  ``space`` prefixes
+        every name with the technique's name (``"sparsity"`` is searched as
+        ``magnitude_pruning.sparsity``), so names only need to be unique within the technique, and
+        the same name must keep the same range every time.  The returned config must survive a
+        JSON round trip of ``config_to_dict`` (``json_round_trip_problem``): plans are JSON."""
         raise PluginError(f"technique {self.name!r} does not implement suggest()")
 
     # --- compression -----------------------------------------------------------------------------
@@ -198,6 +263,27 @@ class RegisteredTechnique:
     source: str  # distribution that provided it, e.g. "slimforge 0.1.0" or "slimforge-foo 1.2"
 
 
+def _check_suggest(cls: type[Technique]) -> None:
+    """``suggest`` is called as ``technique.suggest(space, task)``: say so at registration rather
+    than with a TypeError in the first trial."""
+    try:
+        inspect.signature(cls.suggest).bind(None, None, None)
+    except TypeError:
+        raise PluginError(f"technique {cls.name!r}: suggest must take (self, space, task), "
+                          f"got suggest{inspect.signature(cls.suggest)}") from None
+    except ValueError:  # no signature to inspect (a builtin): nothing to check
+        pass
+
+
+class TechniqueUnavailableError(UnknownNameError):
+    """A technique name that is not registered, said together with why: the plugin that provides
+    it is installed but failed to load, or (when the name is not known) which plugins did."""
+
+    def __init__(self, name: str, choices, message: str):
+        super().__init__("technique", name, choices)
+        self.args = (message,)
+
+
 class TechniqueRegistry:
     """Typed registry filled by the ``slimforge_register_techniques`` hook."""
 
@@ -206,17 +292,39 @@ class TechniqueRegistry:
     def __init__(self) -> None:
         self._entries: dict[str, RegisteredTechnique] = {}
         self.current_source = "unknown"  # set by the plugin manager around each plugin's hook call
+        # Set by the plugin manager: plugins that failed to load, ``{plugin: reason}``, and the
+        # technique names each is known to provide, ``{technique: plugin}`` (the names its module
+        # defines, or the entry-point name), so a request for one is answered with the cause.
+        self.failed_plugins: dict[str, str] = {}
+        self.failed_techniques: dict[str, str] = {}
 
     def add(self, cls: type[Technique]) -> None:
+        """Register ``cls`` after checking the rules the search relies on; a broken rule is a
+        one-line ``PluginError`` naming the technique and the attribute or config field."""
         missing = [attr for attr in self._REQUIRED if not hasattr(cls, attr)]
         if missing:
             raise PluginError(f"technique class {cls.__qualname__} lacks {', '.join(missing)}")
+        if not (isinstance(cls.name, str) and TECHNIQUE_NAME.fullmatch(cls.name)):
+            raise PluginError(f"technique class {cls.__qualname__}: name must be lower-case letters, digits and "
+                              f"underscores, starting with a letter (it prefixes parameter names), got {cls.name!r}")
         if not (isinstance(cls.family, str) and cls.family):
             raise PluginError(f"technique {cls.name!r}: family must be a Family or a non-empty string, got {cls.family!r}")
         if isinstance(cls.stage, bool) or not isinstance(cls.stage, int):
             raise PluginError(f"technique {cls.name!r}: stage must be a Stage or an int, got {cls.stage!r}")
         if not (dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen):
             raise PluginError(f"technique {cls.name!r}: Config must be a frozen dataclass")
+        if cls.needs_recovery and cls.stage >= Stage.RECOVERY:
+            raise PluginError(f"technique {cls.name!r}: needs_recovery is True but stage {cls.stage} runs after "
+                              f"recovery training (stages >= {int(Stage.RECOVERY)} are finishing steps), so nothing "
+                              "would fine-tune its result; use a stage below 50 or needs_recovery = False")
+        _check_suggest(cls)
+        try:
+            default = cls.Config()
+        except Exception:  # a config without defaults for every field: the kit checks suggested ones
+            default = None
+        problem = default is not None and json_round_trip_problem(cls, default)
+        if problem:
+            raise PluginError(f"technique {cls.name!r}: default {problem}")
         unknown = set(cls.requires) - REQUIREMENTS
         if unknown:
             raise PluginError(f"technique {cls.name!r} requires unknown {sorted(unknown)}; valid: {sorted(REQUIREMENTS)}")
@@ -233,7 +341,16 @@ class TechniqueRegistry:
         try:
             return self._entries[name].cls()
         except KeyError:
-            raise UnknownNameError("technique", name, self._entries) from None
+            pass
+        if name in self.failed_techniques:
+            plugin = self.failed_techniques[name]
+            raise TechniqueUnavailableError(name, self._entries, f"technique {name!r}: installed but failed to load: "
+                                            f"plugin {plugin!r} ({self.failed_plugins[plugin]})")
+        if self.failed_plugins:
+            error = UnknownNameError("technique", name, self._entries)
+            broken = ", ".join(f"{plugin!r} ({reason})" for plugin, reason in self.failed_plugins.items())
+            raise TechniqueUnavailableError(name, self._entries, f"{error}; plugins that failed to load: {broken}")
+        raise UnknownNameError("technique", name, self._entries) from None
 
     def source_of(self, name: str) -> str:
         return self._entries[name].source

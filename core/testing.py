@@ -1,12 +1,15 @@
 """Conformance kit: the contract tests every technique passes, built-in or third-party.
 
-A plugin author subclasses ``TechniqueConformance`` in a pytest module::
+A plugin author subclasses ``TechniqueConformance`` in a pytest module (``pip install
+'slimforge[plugin-dev]'`` brings pytest and transformers)::
 
-    from slimforge.core.testing import TechniqueConformance
+    from slimforge.plugins.api import TechniqueConformance
 
     class TestMyTechnique(TechniqueConformance):
         technique = "my_technique"          # registered name
-        extra_plugins = (my_plugin_module,) # when the plugin is not installed as an entry point
+        extra_plugins = (my_plugin_module,) # harmless when the installed entry point registers it too
+        architectures = ALL_ARCHITECTURES + ("my_pkg.models:tiny_tagger",)  # optional: the author's own
+        inputs = {"my_pkg.models:tiny_tagger": "tokens"}                      # what those read
 
 and pytest runs: config JSON round trip, deterministic ``suggest`` under a fixed trial, ``apply``
 on tiny models, artifact round trip with bitwise-identical outputs, size = file bytes, and the
@@ -17,8 +20,9 @@ plugin's own tests need no data.
 from __future__ import annotations
 
 import copy
-import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -27,7 +31,7 @@ from torch.utils.data import TensorDataset
 
 from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.task import FactoryRef, Task
-from slimforge.core.technique import Stage, TechniqueContext
+from slimforge.core.technique import Stage, TechniqueContext, json_round_trip_problem
 
 INPUT_SHAPE = (1, 12, 12)
 NUM_CLASSES = 5
@@ -142,24 +146,38 @@ ALL_ARCHITECTURES = TINY_ARCHITECTURES + SEQUENCE_ARCHITECTURES
 TOKEN_INPUT_ARCHITECTURES = frozenset(SEQUENCE_ARCHITECTURES)
 
 
-def tiny_inputs(architecture: str, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Random inputs of the kind ``architecture`` reads: token ids for the sequence models, 1x12x12
-    images otherwise (a third-party architecture name gets images)."""
-    if architecture in TOKEN_INPUT_ARCHITECTURES:
+# What a tiny task feeds an architecture: "images" (1x12x12 floats), "tokens" (SEQ_LEN ids < VOCAB),
+# or a callable ``(count, generator) -> Tensor`` drawing ``count`` inputs of the model's own kind.
+INPUT_KINDS = ("images", "tokens")
+
+
+def tiny_inputs(architecture: str, count: int, generator: torch.Generator, inputs: Any = None) -> torch.Tensor:
+    """Random inputs of the kind ``architecture`` reads: ``inputs`` when given (a kind from
+    ``INPUT_KINDS`` or a callable), else token ids for the built-in sequence models and 1x12x12
+    images for anything else."""
+    if inputs is None:
+        inputs = "tokens" if architecture in TOKEN_INPUT_ARCHITECTURES else "images"
+    if callable(inputs):
+        return inputs(count, generator)
+    if inputs == "tokens":
         return torch.randint(0, VOCAB, (count, SEQ_LEN), generator=generator)
-    return torch.randn(count, *INPUT_SHAPE, generator=generator)
+    if inputs == "images":
+        return torch.randn(count, *INPUT_SHAPE, generator=generator)
+    raise ValueError(f"inputs: unknown {inputs!r}; valid choices: {', '.join(INPUT_KINDS)}, or a callable "
+                     "(count, generator) -> Tensor")
 
 
-def tiny_task(architecture: str = TINY_ARCHITECTURES[0], n: int = 256, seed: int = 0) -> Task:
+def tiny_task(architecture: str = TINY_ARCHITECTURES[0], n: int = 256, seed: int = 0, inputs: Any = None) -> Task:
     """Random inputs labelled by the (seeded, untrained) teacher itself, so the teacher scores 1.0
     and any damage compression does is visible in the metric.  Language models are labelled per
-    token (targets (N, SEQ_LEN))."""
+    token (targets (N, SEQ_LEN)).  ``architecture`` is a ``module:function`` factory, a built-in
+    one or the plugin author's own; ``inputs`` says what it reads (``tiny_inputs``)."""
     from slimforge.core.outputs import logits_of
 
     ref = FactoryRef(architecture)
     teacher = ref.call()
     generator = torch.Generator().manual_seed(seed)
-    x = tiny_inputs(architecture, 3 * n, generator)
+    x = tiny_inputs(architecture, 3 * n, generator, inputs)
     with torch.no_grad():
         y = logits_of(teacher(x)).argmax(dim=-1)
     splits = {name: TensorDataset(x[i * n:(i + 1) * n], y[i * n:(i + 1) * n])
@@ -183,13 +201,21 @@ def compress(technique, config, task: Task, recovery_steps: int = 2, seed: int =
 
 
 class TechniqueConformance:
-    """Contract tests; subclass and set ``technique`` (its registered name)."""
+    """Contract tests; subclass and set ``technique`` (its registered name).
+
+    Optional: ``architectures`` (``module:function`` factories; the default is every weight kind
+    below), ``inputs`` (``{architecture: kind or callable}`` for the author's own architectures:
+    ``"tokens"``, ``"images"`` or ``(count, generator) -> Tensor``; built-in ones need none),
+    ``suggest_seeds``.  Each ``test_*`` method takes no argument but ``self``, so the kit runs
+    under pytest (``pip install 'slimforge[plugin-dev]'``) or by calling the methods directly;
+    the Hugging Face architectures need transformers (in that extra)."""
 
     technique: ClassVar[str]
     extra_plugins: ClassVar[tuple[Any, ...]] = ()
     # Every weight kind a user's model brings: a CNN and an MLP, a torch transformer encoder, HF BERT,
     # GPT-2 and a Llama-style decoder, a GRU.  A plugin for one kind of model may narrow this.
     architectures: ClassVar[tuple[str, ...]] = ALL_ARCHITECTURES
+    inputs: ClassVar[dict[str, Any]] = {}
     suggest_seeds: ClassVar[tuple[int, ...]] = (0, 1, 2)
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -197,6 +223,10 @@ class TechniqueConformance:
         from slimforge.core.manager import Plugins
 
         return Plugins(extra_plugins=self.extra_plugins)
+
+    def task_for(self, architecture: str) -> Task:
+        """The tiny task the contract tests use on ``architecture``."""
+        return tiny_task(architecture, inputs=self.inputs.get(architecture))
 
     def _suggest(self, technique, task, seed):
         from slimforge.core.space import FixedSuggester, scoped
@@ -217,26 +247,31 @@ class TechniqueConformance:
 
     def test_config_json_round_trip(self):
         technique = self._plugins().registry.get(self.technique)
-        task = tiny_task(self.architectures[0])
+        task = self.task_for(self.architectures[0])
         for seed in self.suggest_seeds:
             config = self._suggest(technique, task, seed)
-            as_json = json.dumps(technique.config_to_dict(config))
-            assert technique.config_from_dict(json.loads(as_json)) == config
+            problem = json_round_trip_problem(type(technique), config)
+            assert problem is None, f"{self.technique} (suggest seed {seed}): {problem}"
 
     def test_suggest_is_deterministic(self):
         technique = self._plugins().registry.get(self.technique)
-        task = tiny_task(self.architectures[0])
+        task = self.task_for(self.architectures[0])
         for seed in self.suggest_seeds:
             assert self._suggest(technique, task, seed) == self._suggest(technique, task, seed)
 
-    def test_artifact_round_trip_is_bitwise(self, tmp_path):
+    def test_artifact_round_trip_is_bitwise(self):
+        # A temporary folder of its own, not pytest's tmp_path: the kit's tests take only self.
+        with tempfile.TemporaryDirectory() as folder:
+            self._check_round_trips(Path(folder))
+
+    def _check_round_trips(self, tmp_path: Path) -> None:
         from slimforge.core.compressed import load_model, save_model
         from slimforge.core.outputs import logits_of
 
         plugins = self._plugins()
         technique = plugins.registry.get(self.technique)
         for architecture in self.architectures:
-            task = tiny_task(architecture)
+            task = self.task_for(architecture)
             for seed in self.suggest_seeds[:2]:
                 config = self._suggest(technique, task, seed)
                 model, ctx = compress(technique, config, task, seed=seed)
@@ -258,7 +293,7 @@ class TechniqueConformance:
         if technique.stage == Stage.TRAINING:
             return  # changes how recovery trains, not the weights apply() sees
         for architecture in self.architectures:
-            task = tiny_task(architecture)
+            task = self.task_for(architecture)
             config = self._suggest(technique, task, 0)
             ctx = TechniqueContext(task=task, seed=0)
             model = technique.apply(copy.deepcopy(task.teacher), config, ctx)
@@ -273,7 +308,7 @@ class TechniqueConformance:
 
         registry = self._plugins().registry
         planner = Planner(registry)
-        task = tiny_task(self.architectures[0])
+        task = self.task_for(self.architectures[0])
         for seed in range(25):
             plan = planner.sample(FixedSuggester(seed=seed), task, seed)
             classes = [type(registry.get(name)) for name in plan.technique_names]

@@ -32,6 +32,7 @@ from slimforge.core.space import FixedSuggester
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "third_party_plugin"
+EXAMPLE_DIST = "slimforge-example-plugins"
 
 BROKEN = """raise RuntimeError("boom at import")\n"""
 
@@ -160,6 +161,55 @@ def test_a_plugin_whose_technique_breaks_the_contract_is_skipped(site, capsys):
     assert capsys.readouterr().err == f"slimforge: warning: skipping plugin 'badfamily': {reason}\n"
 
 
+# A hook implementation with an argument the hookspec does not have: pluggy refuses it at registration.
+WRONG_SIGNATURE = GOOD.replace('"polish"', '"h1_ternary"').replace(
+    "def slimforge_register_techniques(registry):", "def slimforge_register_techniques(registry, task):")
+WRONG_SIGNATURE_REASON = ("slimforge-h1 0.3: failed to load: PluginValidationError: Plugin 'h1' for hook "
+                          "'slimforge_register_techniques'; hookimpl definition: slimforge_register_techniques"
+                          "(registry, task); Argument(s) {'task'} are declared in the hookimpl but can not be found "
+                          "in the hookspec")
+
+
+def test_a_hook_signature_error_is_one_startup_line_and_the_answer_when_its_technique_is_asked_for(site, capsys):
+    _make_distribution(site, "slimforge-h1", {"h1": "sf_h1_plugin"}, {"sf_h1_plugin": WRONG_SIGNATURE}, "0.3")
+    plugins = Plugins()
+    assert capsys.readouterr().err == f"slimforge: warning: skipping plugin 'h1': {WRONG_SIGNATURE_REASON}\n"
+    expected = f"technique 'h1_ternary': installed but failed to load: plugin 'h1' ({WRONG_SIGNATURE_REASON})"
+    with pytest.raises(LookupError) as info:  # still an UnknownNameError for callers that catch one
+        plugins.registry.get("h1_ternary")
+    assert str(info.value) == expected
+    with pytest.raises(LookupError, match=re.escape(expected)):
+        Planner(plugins.registry, ["h1_ternary", "magnitude_pruning"])
+    # A name no plugin is known to provide still lists the valid ones, and says which plugin failed.
+    with pytest.raises(LookupError) as info:
+        plugins.registry.get("h2_binary")
+    assert str(info.value).startswith("technique: unknown 'h2_binary'; valid choices: cosine_merge, ")
+    assert str(info.value).endswith(f"; plugins that failed to load: 'h1' ({WRONG_SIGNATURE_REASON})")
+
+
+def test_the_search_command_answers_failed_to_load_before_any_work(site, capsys, tmp_path):
+    _make_distribution(site, "slimforge-h1", {"h1": "sf_h1_plugin"}, {"sf_h1_plugin": WRONG_SIGNATURE}, "0.3")
+    config = tmp_path / "task.toml"
+    config.write_text(sf_testing_models.task_toml())
+    assert main(["search", "--config", str(config), "--techniques", "h1_ternary", "--trials", "1", "--no-tracking",
+                 "--no-progress", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == [f"slimforge: warning: skipping plugin 'h1': {WRONG_SIGNATURE_REASON}",
+                   f"slimforge: error: technique 'h1_ternary': installed but failed to load: plugin 'h1' "
+                   f"({WRONG_SIGNATURE_REASON})"], err
+    assert not (tmp_path / "out" / "baseline.slim").exists()  # refused before the baseline was measured
+
+
+def test_a_plugin_passed_explicitly_and_installed_too_is_registered_once(site, capsys):
+    _make_distribution(site, "slimforge-polish", {"polish": "sf_polish_plugin"}, {"sf_polish_plugin": GOOD}, "2.0")
+    import sf_polish_plugin
+
+    plugins = Plugins(extra_plugins=(sf_polish_plugin,))
+    assert capsys.readouterr().err == ""
+    assert plugins.registry.source_of("polish") == "slimforge-polish 2.0"  # the entry point's, not "extra"
+    assert [p for p in plugins.pm.get_plugins() if p is sf_polish_plugin] == [sf_polish_plugin]
+
+
 # --- a working third-party plugin, and (c) disabling by name ----------------------------------------
 
 def test_a_third_party_technique_is_listed_with_its_package_family_and_stage(site):
@@ -255,9 +305,9 @@ def _is_installed(name: str) -> bool:
 def example_package(tmp_path):
     """Install examples/third_party_plugin into this environment; uninstalled at teardown whatever
     the test did.  Built from a copy, so no build/ or *.egg-info lands in the repository."""
-    if _is_installed("slimforge-bias-correction"):
-        pytest.skip("slimforge-bias-correction is already installed here; this test would uninstall it")
-    source = tmp_path / "slimforge-bias-correction"
+    if _is_installed(EXAMPLE_DIST):
+        pytest.skip(f"{EXAMPLE_DIST} is already installed here; this test would uninstall it")
+    source = tmp_path / EXAMPLE_DIST
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__",
                                                                    ".pytest_cache"))
     try:
@@ -265,7 +315,7 @@ def example_package(tmp_path):
         assert proc.returncode == 0, proc.stderr
         yield source
     finally:
-        _pip("uninstall", "-y", "slimforge-bias-correction")
+        _pip("uninstall", "-y", EXAMPLE_DIST)
 
 
 def _listed(slimforge_cmd, env) -> dict[str, list[str]]:
@@ -282,7 +332,8 @@ def test_the_example_plugin_installs_searches_and_uninstalls(example_package, tm
     env["OMP_NUM_THREADS"] = "1"
     rows = _listed(slimforge_cmd, env)
     assert rows["bias_correction"][:4] == ["bias_correction", "correction", "75 (after quantization)",
-                                           "slimforge-bias-correction 0.1.0"]
+                                           f"{EXAMPLE_DIST} 0.2.0"]
+    assert rows["ternary"][:4] == ["ternary", "quantization", "70 (quantization)", f"{EXAMPLE_DIST} 0.2.0"]
 
     config = tmp_path / "task.toml"
     config.write_text(sf_testing_models.task_toml())
@@ -302,6 +353,7 @@ def test_the_example_plugin_installs_searches_and_uninstalls(example_package, tm
     assert any(re.fullmatch(r"bias_correction: corrected 3 layer\(s\); largest channel shift 0\.0\d+ in '\w+'", note)
                for note in notes), notes
 
-    proc = _pip("uninstall", "-y", "slimforge-bias-correction")
+    proc = _pip("uninstall", "-y", EXAMPLE_DIST)
     assert proc.returncode == 0, proc.stderr
-    assert "bias_correction" not in _listed(slimforge_cmd, env)
+    listed = _listed(slimforge_cmd, env)
+    assert "bias_correction" not in listed and "ternary" not in listed

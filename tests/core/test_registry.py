@@ -118,6 +118,58 @@ def test_config_must_be_a_frozen_dataclass(config):
     assert "loose" not in registry
 
 
+# --- the rules a plugin author could once only find in the source: checked when a class registers ---
+
+@dataclass(frozen=True, kw_only=True)
+class _TupleConfig:
+    layers: tuple = ("fc1", "fc2")  # JSON has no tuple: a plan's config would come back with a list
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SetConfig:
+    layers: frozenset = frozenset({"fc1"})
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"stage": Stage.QUANTIZATION, "needs_recovery": True},
+     "technique 'late': needs_recovery is True but stage 70 runs after recovery training (stages >= 50 are "
+     "finishing steps), so nothing would fine-tune its result; use a stage below 50 or needs_recovery = False"),
+    ({"stage": Stage.QUANTIZATION + 5, "needs_recovery": True}, "technique 'late': needs_recovery is True but stage 75"),
+    ({"config": _TupleConfig},
+     "technique 'late': default config field 'layers' = ('fc1', 'fc2') comes back from JSON as ['fc1', 'fc2']; "
+     "use a JSON type (list, dict, str, number, bool, None) or convert it in __post_init__"),
+    ({"config": _SetConfig}, "technique 'late': default config field 'layers' is not JSON (Object of type frozenset"),
+    ({"suggest": lambda self, space: None}, "technique 'late': suggest must take (self, space, task), got suggest(self, space)"),
+], ids=["needs-recovery-at-70", "needs-recovery-at-75", "tuple-field", "set-field", "suggest-signature"])
+def test_a_rule_broken_at_registration_is_one_line_naming_the_field(attrs, message):
+    registry = TechniqueRegistry()
+    with pytest.raises(PluginError) as info:
+        registry.add(_technique("late", **attrs))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert "late" not in registry
+
+
+@pytest.mark.parametrize("name", ["Ternary", "h1.ternary", "a,b", "", "2bits", 5])
+def test_a_name_that_cannot_prefix_parameters_or_sit_in_a_list_is_refused(name):
+    with pytest.raises(PluginError, match="name must be lower-case letters, digits and underscores"):
+        TechniqueRegistry().add(_technique(name))
+
+
+def test_the_same_rules_admit_every_builtin_and_a_late_step_without_recovery():
+    registry = TechniqueRegistry()
+    registry.add(_technique("late_ok", stage=Stage.QUANTIZATION + 5, needs_recovery=False))
+    registry.add(_technique("early_recovering", stage=Stage.PRUNING, needs_recovery=True))
+    assert plugins().registry.names()  # every built-in passes the same checks (a failure would raise)
+
+
+def test_stage_phases_say_what_each_range_triggers():
+    from slimforge.core.technique import retrains_before_sharing, stage_phase
+
+    assert [stage_phase(s) for s in (10, 44, 45, 47, 48, 49, 50, 70, 75)] == [
+        "structural", "structural", "sharing", "sharing", "training", "training", "finishing", "finishing", "finishing"]
+    assert retrains_before_sharing([20, 46]) and not retrains_before_sharing([20, 48]) and not retrains_before_sharing([45])
+
+
 def test_technique_class_missing_required_attributes_is_rejected():
     incomplete = type("Incomplete", (Technique,), {"name": "incomplete", "Config": _FrozenConfig})
     with pytest.raises(PluginError, match="technique class Incomplete lacks family, stage"):

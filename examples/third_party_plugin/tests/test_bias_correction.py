@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-from importlib import metadata
 
 import pytest
 import torch
@@ -22,20 +20,9 @@ from slimforge.plugins.quantization.weight_only import WeightOnlyQuant, WeightOn
 from slimforge_bias_correction.plugin import BiasCorrection, BiasCorrectionConfig
 
 
-def _loaded_by_entry_point() -> bool:
-    if os.environ.get("SLIMFORGE_DISABLE_PLUGIN_AUTOLOAD"):
-        return False
-    return any(ep.name == "bias_correction" for ep in metadata.entry_points(group="slimforge"))
-
-
-# Installed (`pip install .`): slimforge finds the plugin through its entry point.  Not installed:
-# hand the module to the plugin manager, the way the kit documents.
-EXTRA_PLUGINS = () if _loaded_by_entry_point() else (plugin,)
-
-
 class TestBiasCorrection(TechniqueConformance):
     technique = "bias_correction"
-    extra_plugins = EXTRA_PLUGINS
+    extra_plugins = (plugin,)  # harmless when the installed entry point registered it already
 
 
 MLP = "slimforge.core.testing:tiny_mlp"

@@ -17,8 +17,8 @@ overshoots at low bit widths.
 
 What it can correct: a layer of the teacher (a plain Conv1d/Conv2d/Linear) whose module in the
 compressed model, at the same name, computes ``op(x, W') + b`` with a float bias it can write --
-plain Conv/Linear, ``WeightOnlyQuantized`` (weight_only_quant), ``ClusteredLayer``
-(kmeans_clustering), or an ``nn.Sequential`` ending in one of those (low_rank_factorization's
+one of ``slimforge.plugins.api.BIAS_LAYERS`` (plain Conv/Linear, weight_only_quant's and
+kmeans_clustering's layers), or an ``nn.Sequential`` ending in one of those (low_rank_factorization's
 ``Sequential(Linear(in, r), Linear(r, out))``: the last layer's bias shifts the pair's output).  A
 layer without a bias gets one (recorded in the artifact header, so loading rebuilds it).  Layers
 whose output shape differs from the teacher's (structured pruning, a distilled student) are
@@ -28,30 +28,25 @@ Why it cannot follow int8_ptq / int8_dynamic: torch.ao's int8 modules keep their
 parameters (``_packed_params``) of an FX-converted graph, and int8_ptq requantizes every output with
 a calibrated scale, so there is no float bias to adjust and every layer would be skipped.
 
-The artifact is unchanged in kind: the corrected biases replace the old ones, value for value, in
+The plugin imports only ``slimforge.plugins.api``.  The artifact is unchanged in kind: the corrected biases replace the old ones, value for value, in
 the same float32 tensors, so the file is the same size up to entropy coding.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from slimforge.core.errors import ConfigError
-from slimforge.core.hookspecs import hookimpl
-from slimforge.core.technique import Stage, Technique, TechniqueContext
-from slimforge.plugins.common import weight_layers
-from slimforge.plugins.quantization.weight_only import WeightOnlyQuantized, execution_order
-from slimforge.plugins.sharing.kmeans import ClusteredLayer
+from slimforge.plugins.api import (BIAS_LAYERS, ConfigError, Stage, Technique, TechniqueContext, first_calls,
+                                   hookimpl, set_bias, weight_layers)
 
 SAMPLES_RANGE = (16, 65536)
 BATCH_SIZE = 128
-# Layers whose bias this technique may write: each adds ``bias`` to ``op(x, weight)`` per channel.
-CORRECTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, WeightOnlyQuantized, ClusteredLayer)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +78,7 @@ def _bias_owner(model: nn.Module, name: str) -> str | None:
     module, owner = model.get_submodule(name), name
     while isinstance(module, nn.Sequential) and len(module):
         owner, module = f"{owner}.{len(module) - 1}", module[-1]
-    return owner if isinstance(module, CORRECTABLE) else None
+    return owner if isinstance(module, BIAS_LAYERS) else None
 
 
 def _batches(dataset, samples: int) -> list[torch.Tensor]:
@@ -142,7 +137,10 @@ class BiasCorrection(Technique):
         modules = dict(model.named_modules())
         teacher_layers = weight_layers(teacher)
         found = []
-        for name in execution_order(teacher, ctx.task.example_inputs()):
+        called = first_calls(teacher, ctx.task.example_inputs(), teacher_layers)
+        # In the order the forward pass first calls them (sequential correction depends on it);
+        # layers never called go last, in module order.
+        for name in sorted(teacher_layers, key=lambda layer: called.get(layer, math.inf)):
             if name not in modules:
                 ctx.note(f"bias_correction: layer {name!r} is not in the compressed model; not corrected")
                 continue
@@ -199,10 +197,9 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def _add_zero_bias(module: nn.Module, channels: int) -> None:
-    """Give a bias-less layer a zero bias of the kind it would have had: weight_only_quant keeps
-    its bias as a buffer, torch layers and ClusteredLayer as a parameter."""
-    zeros = torch.zeros(channels, dtype=torch.float32, device=_device_of(module))
-    module.bias = zeros if isinstance(module, WeightOnlyQuantized) else nn.Parameter(zeros)
+    """Give a bias-less layer a zero bias of the kind it would have had (``set_bias``: a buffer in
+    weight_only_quant's layers, a parameter elsewhere)."""
+    set_bias(module, torch.zeros(channels, dtype=torch.float32, device=_device_of(module)))
 
 
 @hookimpl
