@@ -96,7 +96,7 @@ def _quantized(matrix: torch.Tensor, bits: int) -> torch.Tensor:
 def measure_sensitivity(model: nn.Module, dataset, metric, device: str = "cpu", log=None) -> Sensitivity:
     """Each site pruned or quantized alone, validation drop measured (no fine-tuning).  ``model``
     is modified in place and restored exactly (its stored tensors are copied back)."""
-    from slimforge.core.measure import evaluate
+    from slimforge.core.measure import BrokenOutputsError, evaluate
 
     started = time.perf_counter()
     samples = min(len(dataset), MAX_SAMPLES)
@@ -114,6 +114,8 @@ def measure_sensitivity(model: nn.Module, dataset, metric, device: str = "cpu", 
             site.set_matrix(model, changed)
             try:
                 return round(max(0.0, baseline - evaluate(model, subset, metric, device=device)), 6)
+            except BrokenOutputsError:  # non-finite outputs: the site cannot take this level at all
+                return round(max(0.0, baseline), 6)
             finally:
                 with torch.no_grad():
                     site.tensor(model).copy_(original)
