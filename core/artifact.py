@@ -447,6 +447,9 @@ def _decode_value(e: dict, payload: memoryview, source: str):
     if kind == "tensor":
         return _decode_array(e, payload, source)
     if kind == "qtensor":
+        if e["shape"] != e["int_repr"]["shape"]:
+            raise ArtifactError(f"artifact is corrupted: a quantized tensor's shape {e['shape']!r} is not its "
+                                f"integer values' {e['int_repr']['shape']!r} in {source}")
         ir = _decode_array(e["int_repr"], payload, source)
         with warnings.catch_warnings():  # torch deprecates quantized dtypes; torch.ao still runs on them
             warnings.simplefilter("ignore")
@@ -470,6 +473,9 @@ def _decode(data: bytes, source: str):
         _check_declared(header, len(data), source)
         tensors = OrderedDict()
         for e in header["tensors"]:
+            if not isinstance(e["name"], str) or e["name"] in tensors:  # a second entry would silently replace the first
+                raise ArtifactError(f"artifact is corrupted: {source} has an entry named {e['name']!r} twice or "
+                                    "not as a string")
             if e["kind"] == "alias":
                 # Only a tensor decoded before it: a forward alias or one of a non-tensor is a broken file.
                 target = e["of"]
