@@ -27,9 +27,9 @@ from slimforge.search.pareto import pareto_front, registration_floor
 from slimforge.search.records import SearchResult, TrialRecord, record_from_dict
 from slimforge.search.reports import write_reports, write_summary
 from slimforge.search.settings import SearchSettings
-from slimforge.search.study import (WORKER_ATTR, close_interrupted, log, read_stored_settings, record_techniques,
-                                    remove_orphaned_files, store_settings, study_techniques, this_process,
-                                    wait_for_other_workers)
+from slimforge.search.study import (TECHNIQUES_ATTR, WORKER_ATTR, close_interrupted, log, read_stored_settings,
+                                    record_techniques, remove_orphaned_files, store_settings, study_techniques,
+                                    this_process, wait_for_other_workers)
 from slimforge.search.workers import WorkerSpec, require_rebuildable
 
 __all__ = ["SearchSettings", "run_search", "run_worker"]
@@ -207,6 +207,9 @@ def run_worker(*, storage: str, study: str, trials: int | None = None, progress:
     worker_seed = settings.seed + 1_000_003 * (1 + os.getpid() % 997)
     backend = OptunaBackend(storage=storage, study_name=study, seed=worker_seed, budgets=runner.budgets,
                             close_interrupted=False)  # other workers' RUNNING trials are running
+    recorded = backend.study.user_attrs.get(TECHNIQUES_ATTR)
+    if recorded:  # the study's parameter space: a worker with other plugins installed searches it too
+        settings = dataclasses.replace(settings, techniques=tuple(recorded))
     mine_before = {r["number"] for r in backend.records()}
     log(f"worker {this_process()} joined study {study!r} ({stored['task_name']}); running trials until it holds "
         f"{settings.trials}")
