@@ -185,6 +185,7 @@ def cmd_search(args) -> int:
     flags = {key: getattr(args, key) for key in budget_keys() if getattr(args, key) is not None}
     budgets = Budgets.parse(**(file_budgets | flags), fields={k: f"[budgets] {k}" for k in file_budgets if k not in flags})
     settings = settings_from(args, file_config.get("search", {}))
+    settings.check_out_dir()
     if "task" in file_config and args.task:
         raise ConfigError("--task and a [task] table in --config both name a task; keep one")
 

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import json
 import lzma
+import math
 import os
 import re
 import secrets
+import stat
 import struct
 import warnings
 import zlib
@@ -56,6 +58,21 @@ _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
 # index/bitmask streams but by <1% (or loses) on big value streams, so big
 # streams only get deflate and encoding stays fast enough to run per trial.
 _LZMA_MAX_BYTES = 1 << 20
+
+# Decode limits: a file may come from anywhere, so what it declares is checked before memory is
+# spent on it.  A header is JSON of a few hundred bytes per tensor; 16 MiB holds ~50,000 tensors,
+# and a zlib bomb stops there instead of inflating ~1000x its size.
+MAX_HEADER_BYTES = 16 << 20
+# The tensors a file declares, in bytes as loaded, may be at most LOAD_RATIO times the file's size
+# (at least LOAD_FLOOR).  Deflate expands data at most ~1032x, so only all-zero tensors (stored as
+# nothing) or near-empty sparse ones can declare more, and a 99.9 %-sparse model still fits; a few
+# bytes declaring a 10^9-element tensor do not.  SLIMFORGE_MAX_LOAD_BYTES sets the limit instead.
+LOAD_RATIO = 1000
+LOAD_FLOOR = 256 << 20
+LOAD_LIMIT_ENV = "SLIMFORGE_MAX_LOAD_BYTES"
+# Pickle protocols 2-5 begin with the PROTO opcode 0x80 and the protocol number: a pickle written
+# after slimforge's magic bytes would otherwise read as "format version 128".
+_PICKLE_PROTO = 0x80
 
 # Explicit whitelist: dtype names read from a file are only ever looked up here.
 _DTYPE_NAMES = [
@@ -273,6 +290,12 @@ def _parse_header(head: bytes, file_size: int, source: str):
             _check_version(head[len(MAGIC)])
         raise ArtifactError(f"artifact is truncated: {source} ({file_size} bytes)")
     _, version, hlen, hcrc, plen = _PREFIX.unpack_from(head)
+    if version > FORMAT_VERSION and file_size != _PREFIX.size + hlen + plen:
+        # A newer slimforge keeps this prefix, so its lengths add up to the file's size; when they do
+        # not, the bytes after the magic are something else, and "upgrade slimforge" would mislead.
+        what = "a Python pickle" if version == _PICKLE_PROTO and 2 <= head[len(MAGIC) + 1] <= 5 else "not a header"
+        raise ArtifactError(f"not a slimforge artifact: {source} (the bytes after its magic are {what}; slimforge "
+                            "never unpickles)")
     _check_version(version)
     start = _PREFIX.size + hlen
     if file_size < start + plen:
@@ -282,8 +305,16 @@ def _parse_header(head: bytes, file_size: int, source: str):
     hbytes = head[_PREFIX.size:start]
     if zlib.crc32(hbytes) != hcrc:
         raise ArtifactError(f"artifact is corrupted: header checksum mismatch in {source}")
+    inflater = zlib.decompressobj()
     try:
-        header = json.loads(zlib.decompress(hbytes))
+        text = inflater.decompress(hbytes, MAX_HEADER_BYTES)
+    except zlib.error as exc:
+        raise ArtifactError(f"artifact is corrupted: bad header in {source}: {_line(exc)}") from None
+    if inflater.unconsumed_tail:
+        raise ArtifactError(f"artifact is corrupted: the header of {source} inflates past {MAX_HEADER_BYTES >> 20} MiB "
+                            "(a slimforge header takes a few hundred bytes per tensor)")
+    try:
+        header = json.loads(text)
         _check_version(int(header["format_version"]))
         if "meta" not in header or not isinstance(header["tensors"], list):
             raise ValueError("missing meta/tensors")
@@ -323,6 +354,63 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def _element_count(spec: dict) -> int:
+    shape = spec["shape"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"malformed shape {shape!r}")
+    return math.prod(shape)
+
+
+def _array_bytes(spec: dict) -> int:
+    """Bytes an array spec declares as loaded, after checking that its streams can hold it: a
+    dense stream is exactly the array, a bitmask one bit per element (so neither can declare more
+    elements than its bytes), and the value streams are whole elements."""
+    n, itemsize = _element_count(spec), _dtype(spec["dtype"]).itemsize
+    stored = _dtype(spec.get("as", spec["dtype"])).itemsize
+    sizes = [int(r["size"]) for r in spec["streams"]]
+    expected = {"zeros": 0, "dense": 1, "bitmask": 2, "relative": 2}.get(spec["layout"])
+    if len(sizes) != expected:
+        raise ValueError(f"layout {spec['layout']!r} with {len(sizes)} stream(s)")
+    if spec["layout"] == "dense" and sizes[0] != n * stored:
+        raise ValueError(f"a dense stream of {sizes[0]} bytes for {n} elements of {stored} byte(s)")
+    if spec["layout"] == "bitmask" and (sizes[0] != (n + 7) // 8 or sizes[1] % stored or sizes[1] > n * stored):
+        raise ValueError(f"bitmask streams of {sizes} bytes for {n} elements")
+    if spec["layout"] == "relative" and sizes[1] != sizes[0] * stored:
+        raise ValueError(f"relative-index streams of {sizes} bytes")
+    return n * max(itemsize, stored)
+
+
+def _entry_bytes(e: dict) -> int:
+    kind = e["kind"]
+    if kind == "tuple":
+        return sum(_entry_bytes(x) for x in e["items"])
+    if kind == "tensor":
+        return _array_bytes(e)
+    if kind == "qtensor":
+        return sum(_array_bytes(e[p]) for p in ("int_repr", "scales", "zero_points") if p in e)
+    return 0
+
+
+def load_limit(file_size: int) -> int:
+    """The most tensor bytes a file of ``file_size`` bytes may declare (see ``LOAD_RATIO``)."""
+    configured = os.environ.get(LOAD_LIMIT_ENV)
+    if configured:
+        try:
+            return int(configured)
+        except ValueError:
+            raise ArtifactError(f"{LOAD_LIMIT_ENV}: expected a number of bytes, got {configured!r}") from None
+    return max(LOAD_FLOOR, LOAD_RATIO * file_size)
+
+
+def _check_declared(header: dict, file_size: int, source: str) -> None:
+    """Refuse, before any tensor is allocated, a file whose tensors add up past ``load_limit``."""
+    declared, limit = sum(_entry_bytes(e) for e in header["tensors"]), load_limit(file_size)
+    if declared > limit:
+        raise ArtifactError(f"artifact refused: {source} declares {declared / 1e6:,.1f} MB of tensors in a "
+                            f"{file_size:,}-byte file, past the load limit of {limit / 1e6:,.1f} MB ({LOAD_RATIO}x the "
+                            f"file, at least {LOAD_FLOOR >> 20} MiB); if you trust the file, set {LOAD_LIMIT_ENV}")
+
+
 def _decode_array(spec: dict, payload: memoryview, source: str) -> torch.Tensor:
     dtype, shape = _dtype(spec["dtype"]), [int(d) for d in spec["shape"]]
     stored = _dtype(spec.get("as", spec["dtype"]))
@@ -359,6 +447,9 @@ def _decode_value(e: dict, payload: memoryview, source: str):
     if kind == "tensor":
         return _decode_array(e, payload, source)
     if kind == "qtensor":
+        if e["shape"] != e["int_repr"]["shape"]:
+            raise ArtifactError(f"artifact is corrupted: a quantized tensor's shape {e['shape']!r} is not its "
+                                f"integer values' {e['int_repr']['shape']!r} in {source}")
         ir = _decode_array(e["int_repr"], payload, source)
         with warnings.catch_warnings():  # torch deprecates quantized dtypes; torch.ao still runs on them
             warnings.simplefilter("ignore")
@@ -379,8 +470,12 @@ def _decode(data: bytes, source: str):
     header, start, plen = _parse_header(data[:_PREFIX.size + _header_len(data)], len(data), source)
     payload = memoryview(data)[start:start + plen]
     try:
+        _check_declared(header, len(data), source)
         tensors = OrderedDict()
         for e in header["tensors"]:
+            if not isinstance(e["name"], str) or e["name"] in tensors:  # a second entry would silently replace the first
+                raise ArtifactError(f"artifact is corrupted: {source} has an entry named {e['name']!r} twice or "
+                                    "not as a string")
             if e["kind"] == "alias":
                 # Only a tensor decoded before it: a forward alias or one of a non-tensor is a broken file.
                 target = e["of"]
@@ -448,9 +543,21 @@ def write_artifact(path, tensors: dict, meta: dict) -> int:
     return len(data)
 
 
+def _open_regular(path: str):
+    """``path`` opened for reading, refusing a folder, a named pipe or a device: opened without
+    blocking (a FIFO with no writer would hang ``open``), then checked on the open file itself."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ArtifactError(f"artifact: {path} is {what}; give an artifact file (.slim)")
+    return os.fdopen(fd, "rb")
+
+
 def read_artifact(path) -> tuple[dict, dict]:
     path = os.fspath(path)
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         return _decode(f.read(), path)
 
 
@@ -478,7 +585,7 @@ def _rows(name: str, e: dict, out: list) -> None:
 def describe_artifact(path) -> dict:
     """Header-only summary (the payload is not read) for `inspect`/debugging."""
     path = os.fspath(path)
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(_PREFIX.size)
         head += f.read(_header_len(head))

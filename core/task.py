@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimforge.core.errors import ConfigError, TaskError, UnknownNameError
+from slimforge.core.errors import ConfigError, SlimforgeError, TaskError, UnknownNameError
 
 REQUIRED_SPLITS = ("train", "val", "test")
 
@@ -125,6 +125,51 @@ class Task:
         """Data for post-training calibration: a dedicated split if given, else training data."""
         return self.splits.get("calibration", self.splits["train"])
 
+    def check_batch(self, split: str = "train", size: int = 8) -> None:
+        """Check the data against the model on one batch of ``split``, before any work: the model
+        runs on it, and its targets are what the training loss (cross-entropy,
+        ``core.outputs.task_loss``) needs: integer class indices of the scores' shape without the
+        class dimension, each a class the model scores (or ``IGNORE_INDEX``).  Float labels would
+        otherwise pass the baseline's accuracy and fail every trial's fine-tuning."""
+        import torch
+        from torch.utils.data import default_collate
+
+        from slimforge.core.outputs import IGNORE_INDEX, flat_scores, logits_of
+
+        dataset = self.split(split)
+        where = f"task {self.name!r}: split {split!r}"
+        try:
+            inputs, targets = default_collate([dataset[i] for i in range(min(size, len(dataset)))])[:2]
+            device = next(self.teacher.parameters(), torch.empty(0)).device
+            with torch.no_grad():
+                outputs = self.teacher(inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs)
+            logits = logits_of(outputs)
+            targets = targets.to(logits.device) if isinstance(targets, torch.Tensor) else targets
+        except SlimforgeError:
+            raise
+        except Exception as exc:
+            raise TaskError(f"{where}: the uncompressed model fails on a batch of it: {_one_line(exc)}") from exc
+        if not isinstance(targets, torch.Tensor):
+            raise TaskError(f"{where}: targets are {type(targets).__name__}; give class indices as tensors")
+        try:
+            scores, flat = flat_scores(logits, targets)
+        except ValueError as exc:
+            raise TaskError(f"{where}: {exc}") from None
+        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+            raise TaskError(f"{where}: targets are {targets.dtype}; the training loss needs integer class indices "
+                            "(torch.long), e.g. labels.long()")
+        classes, given = scores.shape[-1], flat[flat != IGNORE_INDEX]
+        if given.numel() and (int(given.min()) < 0 or int(given.max()) >= classes):
+            bad = int(given.min()) if int(given.min()) < 0 else int(given.max())
+            raise TaskError(f"{where}: target {bad} is no class of the model, which scores {classes} classes "
+                            f"(0 to {classes - 1}; {IGNORE_INDEX} marks a position to ignore)")
+        try:
+            self.metric(outputs, targets)  # a metric that returns NaN says so itself (``_checked_metric``)
+        except SlimforgeError:
+            raise
+        except Exception as exc:
+            raise TaskError(f"{where}: the metric {self.metric_name!r} fails on a batch of it: {_one_line(exc)}") from exc
+
     def example_inputs(self, batch_size: int = 1):
         """A batch of real inputs from the validation split, used for tracing and latency timing."""
         import torch
@@ -132,6 +177,10 @@ class Task:
         dataset = self.splits["val"]
         items = [dataset[i][0] for i in range(min(batch_size, len(dataset)))]
         return (torch.stack(items),)
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0]
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -263,12 +312,45 @@ def _checked_metric(metric: Callable[[Any, Any], float]) -> Callable[[Any, Any],
 
 
 def task_from_source(source: dict[str, Any]) -> Task:
-    """Rebuild a task from ``Task.source`` as recorded in an artifact header."""
-    if source.get("builtin") == "torchvision":
-        return FactoryRef(TORCHVISION["source"]).resolve("task")(**source["kwargs"])
+    """Rebuild a task from ``Task.source`` as recorded in an artifact header.  The header may come
+    from anywhere, so every field is checked like user input: one line naming it, no traceback."""
+    if not isinstance(source, dict):
+        raise TaskError(f"artifact task source: expected a table, got {type(source).__name__}")
     if "builtin" in source:
-        return load_task(source["builtin"], **source.get("kwargs", {}))
+        name = source["builtin"]
+        targets = {**BUILTIN_TASKS, "torchvision": TORCHVISION["source"]}
+        if not isinstance(name, str) or name not in targets:
+            raise UnknownNameError("artifact task source: builtin", name, targets)
+        return _call_builtin(name, FactoryRef(targets[name]).resolve(f"task {name!r}"), source.get("kwargs", {}))
     if "config" in source:
-        return task_from_table(source["config"], Path(source["base_dir"]), origin=source["config"].get("name", "task"),
+        config, base_dir = source["config"], source.get("base_dir")
+        if not isinstance(config, dict) or not isinstance(base_dir, str):
+            raise TaskError("artifact task source: 'config' must be a [task] table and 'base_dir' a folder name")
+        return task_from_table(config, Path(base_dir), origin=str(config.get("name", "task")),
                                hf_config=source.get("hf_config"))
     raise TaskError("artifact does not record how to rebuild its task; pass the task explicitly")
+
+
+def _call_builtin(name: str, factory: Callable[..., Task], kwargs: Any) -> Task:
+    """A built-in task factory called with keyword arguments read from a header: they must be a
+    table of plain values naming the factory's own parameters, with every required one given."""
+    import inspect
+
+    field_name = f"artifact task source: kwargs of built-in task {name!r}"
+    if not isinstance(kwargs, dict):
+        raise TaskError(f"{field_name}: expected a table of keyword arguments, got {kwargs!r}")
+    parameters = inspect.signature(factory).parameters
+    for key, value in kwargs.items():
+        if key not in parameters:
+            raise UnknownNameError(field_name, key, parameters)
+        if not isinstance(value, (str, int, float, bool, type(None))):
+            raise TaskError(f"{field_name}: {key} must be a plain value, got {type(value).__name__}")
+    missing = [key for key, p in parameters.items() if p.default is inspect.Parameter.empty and key not in kwargs]
+    if missing:
+        raise TaskError(f"{field_name}: missing {', '.join(missing)}")
+    try:
+        return factory(**kwargs)
+    except SlimforgeError:
+        raise
+    except Exception as exc:  # a value of the wrong type deep inside the factory: still one line
+        raise TaskError(f"{field_name}: {name} raised {type(exc).__name__}: {exc}") from exc

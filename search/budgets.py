@@ -16,12 +16,15 @@ from typing import Any
 from slimforge.core.errors import ConfigError, UnknownNameError
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+# A sign is accepted so that "-5" is answered "must be > 0", not "cannot parse".
+_SIZE_RE = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str | int | float, field: str = "--max-size") -> int:
     """``"150KB"`` -> 150000, ``"1.5MiB"`` -> 1572864, ``60000`` -> 60000 (KB = 1000 bytes)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not math.isfinite(text):  # a TOML inf or nan: int() of it would raise
+            raise ConfigError(f"{field}: must be a finite number of bytes, got {text}")
         if text <= 0:
             raise ConfigError(f"{field}: must be > 0, got {text}")
         return int(text)

@@ -27,8 +27,9 @@ from slimforge.search.pareto import pareto_front, registration_floor
 from slimforge.search.records import SearchResult, TrialRecord, record_from_dict
 from slimforge.search.reports import write_reports, write_summary
 from slimforge.search.settings import SearchSettings
-from slimforge.search.study import (WORKER_ATTR, close_interrupted, log, read_stored_settings, remove_orphaned_files,
-                                    store_settings, this_process, wait_for_other_workers)
+from slimforge.search.study import (TECHNIQUES_ATTR, WORKER_ATTR, close_interrupted, log, read_stored_settings,
+                                    record_techniques, remove_orphaned_files, store_settings, study_techniques,
+                                    this_process, wait_for_other_workers)
 from slimforge.search.workers import WorkerSpec, require_rebuildable
 
 __all__ = ["SearchSettings", "run_search", "run_worker"]
@@ -53,8 +54,14 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
     plugins = plugins or Plugins(strict=settings.strict_plugins, disabled=settings.disabled_plugins)
     settings = settings.resolved(task.name)
     planner = make_planner(plugins, settings)
+    task.check_batch()  # float labels, out-of-range classes: refused before anything is written
     artifact_dir = (settings.out_dir / "artifacts" / settings.study).resolve()
     artifact_dir.mkdir(parents=True, exist_ok=True)
+    recorded = study_techniques(settings.storage, settings.study, [t.name for t in planner.techniques],
+                                explicit=settings.techniques is not None)
+    if recorded is not None:  # a resumed study searches the techniques it began with
+        settings = dataclasses.replace(settings, techniques=tuple(recorded))
+        planner = make_planner(plugins, settings)
 
     baseline_path = settings.out_dir / "baseline.slim"
     save_model(task.teacher.to("cpu"), baseline_path, task=task, plan=Plan())
@@ -76,6 +83,7 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         plugins.configure(settings.to_dict())
         plugins.search_start(settings=settings.to_dict() | {"budgets": budgets.to_dict()}, task=task, baseline=baseline)
         search_started = True
+        record_techniques(backend, [t.name for t in planner.techniques])
         close_interrupted(backend, plugins)
         remove_orphaned_files(backend, artifact_dir)
         # Only now may `slimforge worker`s join: a worker's RUNNING trial is not an interrupted one.
@@ -86,7 +94,7 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         ctx = SearchContext(backend=backend, planner=planner, runner=runner, plugins=plugins, task=task,
                             settings=settings, baseline=baseline)
         _run_trials(ctx, spec)
-        wait_for_other_workers(backend)
+        wait_for_other_workers(backend, plugins)
         records = [record_from_dict(r) for r in backend.records()]
         if trackers:
             _adopt_untracked(records, plugins)
@@ -219,6 +227,9 @@ def run_worker(*, storage: str, study: str, trials: int | None = None, progress:
     worker_seed = settings.seed + 1_000_003 * (1 + os.getpid() % 997)
     backend = OptunaBackend(storage=storage, study_name=study, seed=worker_seed, budgets=runner.budgets,
                             close_interrupted=False)  # other workers' RUNNING trials are running
+    recorded = backend.study.user_attrs.get(TECHNIQUES_ATTR)
+    if recorded:  # the study's parameter space: a worker with other plugins installed searches it too
+        settings = dataclasses.replace(settings, techniques=tuple(recorded))
     mine_before = {r["number"] for r in backend.records()}
     log(f"worker {this_process()} joined study {study!r} ({stored['task_name']}); running trials until it holds "
         f"{settings.trials}")

@@ -130,7 +130,13 @@ class TrialLoop:
         if not claim_trial(self.ctx.backend.study, trial, self.ctx.settings.trials):
             self.stopped = True
             return None
-        plan = plan or self.plan_for(trial)
+        try:
+            plan = plan or self.plan_for(trial)
+        except BaseException as exc:  # the trial is claimed: close it, so no crash leaves it RUNNING
+            reason = f"could not sample a plan: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            finish_trial(self.ctx.backend, self.ctx.plugins, trial,
+                         failed_record(trial.number, {}, "(not sampled)", reason, time.monotonic() - asked))
+            raise
         self.ctx.backend.started(trial, plan.to_dict(), plan.describe())
         self.ctx.plugins.trial_start(trial.number, plan)
         return StartedTrial(trial=trial, plan=plan, asked=asked)
@@ -153,17 +159,26 @@ class TrialLoop:
 
     def run(self, executor: TrialExecutor) -> None:
         """Start trials while the executor has room and trials may start; store each as it ends."""
-        running: set[int] = set()
+        running: dict[int, StartedTrial] = {}
         try:
             while True:
                 while executor.idle() and (started := self.start()) is not None:
-                    running.add(started.number)
+                    running[started.number] = started
                     executor.submit(started, self.history())
                 if not running:
                     break
                 for started, record, failure in executor.poll():
-                    running.discard(started.number)
+                    running.pop(started.number, None)
                     self.finish(started, record, failure)
+        except BaseException:  # Ctrl-C or a crash: this process's trials end here, none stays RUNNING
+            from slimforge.search.backends.optuna import INTERRUPTED
+
+            for started in running.values():
+                try:
+                    self.finish(started, None, INTERRUPTED)
+                except Exception:  # the storage itself may be what failed; a resume closes it then
+                    pass
+            raise
         finally:
             self.close()
             executor.close()

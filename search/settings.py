@@ -14,6 +14,7 @@ before anything heavy has loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ DEVICES = ("cpu", "cuda")
 BACKENDS = ("optuna", "ray")
 SCHEDULERS = ("fifo", "asha")
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
+MAX_SEED = 2**31 - 1
 
 # Through Ray Client, Tune would run the searcher on the head node, away from this search's study,
 # trackers and progress bar; a search joins the cluster from one of its nodes instead.
@@ -48,15 +50,16 @@ KINDS: dict[str, tuple[str, tuple[type, ...]]] = {
 
 
 def option(default: Any, flag: str, help: str, *, kind: str = "text", group: str = "search", choices=(),
-           at_least: float | None = None, above: float | None = None, unit: str = "", ray_only: bool = False,
+           at_least: float | None = None, above: float | None = None, at_most: float | None = None, unit: str = "",
+           ray_only: bool = False,
            not_with_ray: str | None = None, in_config: bool = True, cli_choices: bool = False,
            default_factory=None) -> Any:
     """A ``SearchSettings`` field and how it is given.  ``flag`` ``--no-x`` means a switch that sets
     ``x`` false; ``at_least`` / ``above`` / ``choices`` are checked on construction with messages
-    naming ``flag``; ``ray_only`` settings must keep their default unless ``backend = "ray"``;
+    naming ``flag`` (``at_most`` too: an upper bound); ``ray_only`` settings must keep their default unless ``backend = "ray"``;
     ``not_with_ray`` gives the reason a setting must stay unset with it."""
     meta = {"flag": flag, "help": help, "kind": kind, "group": group, "choices": tuple(choices), "at_least": at_least,
-            "above": above, "unit": unit, "ray_only": ray_only, "not_with_ray": not_with_ray,
+            "above": above, "at_most": at_most, "unit": unit, "ray_only": ray_only, "not_with_ray": not_with_ray,
             "in_config": in_config, "cli_choices": cli_choices}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata={"option": meta})
@@ -91,7 +94,9 @@ class SearchSettings:
                                                "technique names to leave out", kind="names")
     strict_plugins: bool = option(False, "--strict-plugins", "fail when a third-party plugin cannot load (default: "
                                   "name it on stderr and skip it)", kind="bool")
-    seed: int = option(0, "--seed", "sampler and trial seed (default 0)", kind="int")
+    # Optuna's samplers take numpy seeds (0 .. 2**32 - 1); a resumed study and each worker add offsets
+    # (trials recorded, a per-worker stride under 1e9), so the user's seed stays below 2**31.
+    seed: int = option(0, "--seed", f"sampler and trial seed, 0 to {MAX_SEED} (default 0)", kind="int", at_least=0, at_most=MAX_SEED)
     study: str | None = option(None, "--study", "study name; an existing name resumes that study")
     storage: str | None = option(None, "--storage", "Optuna storage URL (default: sqlite file OUT/optuna.db)")
     out_dir: Path = option(Path("slimforge-out"), "--out", "output directory (default slimforge-out)")
@@ -179,6 +184,27 @@ class SearchSettings:
         return dataclasses.replace(self, study=study, storage=storage, tracking_uri=tracking_uri,
                                    registered_model=self.registered_model or f"{task_name}-compressed")
 
+    def check_out_dir(self) -> None:
+        """Refuse an ``--out`` that cannot become a writable folder, before any work and without
+        creating anything: a part of the path that is a file, or a nearest existing folder this
+        process cannot create files in (probed with an unnamed temporary file, which leaves no
+        trace, because ``os.access`` says yes to root on a read-only or virtual filesystem)."""
+        import tempfile
+
+        path = self.out_dir
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"--out: {str(existing)!r} is a file, not a folder; give a folder to write the "
+                              "results to")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            where = "" if existing == path else f" (its nearest existing folder {str(existing)!r} is not writable)"
+            raise ConfigError(f"--out: cannot write to {str(path)!r}{where}: {exc.strerror or exc}") from None
+
     @property
     def uses_worker_processes(self) -> bool:
         """Trials run in worker processes: several at once, or each under a time or memory limit."""
@@ -211,10 +237,14 @@ def _check(meta: dict[str, Any], value: Any) -> None:
     if value is None:
         return
     flag = meta["flag"]
+    if meta["kind"] == "float" and not math.isfinite(value):  # nan passes every comparison below
+        raise ConfigError(f"{flag}: must be a finite number, got {value}")
     if meta["choices"] and str(value).split(":")[0] not in meta["choices"]:  # "cuda:1" is a cuda device
         raise UnknownNameError(flag, value, meta["choices"])
     if meta["at_least"] is not None and value < meta["at_least"]:
         raise ConfigError(f"{flag}: must be >= {meta['at_least']:g}, got {value}")
+    if meta["at_most"] is not None and value > meta["at_most"]:
+        raise ConfigError(f"{flag}: must be <= {meta['at_most']}, got {value}")
     if meta["above"] is not None and value <= meta["above"]:
         raise ConfigError(f"{flag}: must be > {meta['above']:g}{meta['unit']}, got {value}")
     if meta["kind"] in ("fraction", "points") and not 0.0 <= value <= 1.0:

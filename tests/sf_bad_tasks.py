@@ -49,3 +49,19 @@ def one_hot_splits():
     """Targets one-hot encoded where the metric expects class indices."""
     return {name: TensorDataset(x, torch.nn.functional.one_hot(y, 4).float())
             for name, (x, y) in ((n, d.tensors) for n, d in sf_testing_models.tiny_splits().items())}
+
+
+def float_label_splits():
+    """Class labels stored as floats (0.0, 1.0, ...): the accuracy works, the training loss does not."""
+    return {name: TensorDataset(x, y.float())
+            for name, (x, y) in ((n, d.tensors) for n, d in sf_testing_models.tiny_splits().items())}
+
+
+def label_out_of_range_splits():
+    """A label the 4-class model has no score for."""
+    splits = sf_testing_models.tiny_splits()
+    x, y = splits["train"].tensors
+    y = y.clone()
+    y[0] = 7
+    splits["train"] = TensorDataset(x, y)
+    return splits

@@ -13,16 +13,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import pickle
 import re
 import sys
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+import sf_hostile_artifacts as hostile
 import sf_testing_models
+from sf_hostile_artifacts import Pwn, rewrite_header, tiny_artifact
 from slimforge.app.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -38,26 +40,6 @@ def config(model="sf_testing_models:trained_tiny_cnn", data="sf_testing_models:t
 
 
 # --- artifacts, good and crafted --------------------------------------------------------------------
-
-def tiny_artifact(path: Path) -> bytes:
-    from slimforge.core.compressed import save_model
-    from slimforge.core.plan import Plan
-
-    save_model(sf_testing_models.trained_tiny_cnn(), path, task=sf_testing_models.tiny_task(), plan=Plan())
-    return path.read_bytes()
-
-
-def rewrite_header(data: bytes, change) -> bytes:
-    """The artifact ``data`` with its JSON header edited by ``change(header)``, checksums made valid
-    again: what a deliberate attacker (not a flipped bit) would produce."""
-    from slimforge.core.artifact import _PREFIX
-
-    magic, version, hlen, _, plen = _PREFIX.unpack_from(data)
-    header = json.loads(zlib.decompress(data[_PREFIX.size:_PREFIX.size + hlen]))
-    change(header)
-    hbytes = zlib.compress(json.dumps(header).encode(), 9)
-    return _PREFIX.pack(magic, version, len(hbytes), zlib.crc32(hbytes), plen) + hbytes + data[_PREFIX.size + hlen:]
-
 
 EVIL_TASK = {"config": {"name": "evil", "model": "subprocess:getoutput", "data": "subprocess:getoutput",
                         "data_kwargs": {"cmd": "touch pwned"}, "python_path": ["."]}, "base_dir": "."}
@@ -76,13 +58,6 @@ def _dtype(name: str):
     return change
 
 
-class Pwn:
-    """Unpickling this creates the file ``pwned``: proof that a pickle was loaded."""
-
-    def __reduce__(self):
-        return (Path.touch, (Path("pwned"),))
-
-
 def write_artifacts(root: Path) -> None:
     good = tiny_artifact(root / "good.slim")
     (root / "truncated.slim").write_bytes(good[:len(good) // 2])
@@ -96,6 +71,14 @@ def write_artifacts(root: Path) -> None:
     (root / "evil.slim").write_bytes(rewrite_header(good, _evil_architecture("subprocess:getoutput", {"cmd": "touch pwned"})))
     (root / "system.slim").write_bytes(rewrite_header(good, _evil_architecture("os:system", {"command": "touch pwned"})))
     (root / "dtype.slim").write_bytes(rewrite_header(good, _dtype("os.system")))
+    (root / "bomb.slim").write_bytes(hostile.bomb_header(good))
+    (root / "huge.slim").write_bytes(hostile.huge_declared_tensor(good))
+    (root / "rank.slim").write_bytes(hostile.huge_low_rank(good))
+    (root / "pickled.slim").write_bytes(hostile.pickle_behind_magic())
+    for name, source in hostile.BAD_BUILTIN_SOURCES.items():
+        (root / name).write_bytes(hostile.bad_builtin_source(good, source))
+    (root / "artifacts").mkdir()
+    os.mkfifo(root / "pipe.slim")
 
 
 # --- the cases ----------------------------------------------------------------------------------------
@@ -123,6 +106,9 @@ CASES = [
     Case("size budget of zero", "slimforge search --max-size 0", [*SEARCH, "--max-size", "0"]),
     Case("latency budget that is not a number", "slimforge search --max-latency fast", [*SEARCH, "--max-latency", "fast"]),
     Case("negative latency budget", "slimforge search --max-latency -1", [*SEARCH, "--max-latency=-1"]),
+    Case("negative size budget", "slimforge search --max-size -5", [*SEARCH, "--max-size=-5"]),
+    _cfg_case("infinite size budget in the config", "[budgets] max_size = inf", config(extra="[budgets]\nmax_size = inf\n")),
+    _cfg_case("NaN size budget in the config", "[budgets] max_size = nan", config(extra="[budgets]\nmax_size = nan\n")),
     Case("accuracy floor over 100%", "slimforge search --min-accuracy 150%", [*SEARCH, "--min-accuracy", "150%"]),
     Case("accuracy drop without a number", "slimforge search --max-accuracy-drop lots",
          [*SEARCH, "--max-accuracy-drop", "lots"]),
@@ -137,6 +123,12 @@ CASES = [
     Case("unknown option", "slimforge search --max-sizes 60KB", [*SEARCH, "--max-sizes", "60KB"]),
     Case("option value of the wrong type", "slimforge search --trials many", [*SEARCH, "--trials", "many"]),
     Case("zero trials", "slimforge search --trials 0", [*SEARCH, "--trials", "0"]),
+    Case("negative seed", "slimforge search --seed -1", [*SEARCH, "--seed=-1"]),
+    Case("seed past the samplers' range", "slimforge search --seed 99999999999", [*SEARCH, "--seed", "99999999999"]),
+    Case("output folder that is a file", "slimforge search --out results.txt", [*SEARCH, "--out", "results.txt"],
+         {"results.txt": "not a folder\n"}),
+    Case("output folder that cannot be created", "slimforge search --out /proc/slimforge-out",
+         [*SEARCH, "--out", "/proc/slimforge-out"]),
     Case("unknown device", "slimforge search --device tpu", [*SEARCH, "--device", "tpu"]),
     Case("CUDA-graph timing on the CPU", "slimforge search --latency-cuda-graph", [*SEARCH, "--latency-cuda-graph"]),
     Case("zero workers", "slimforge search --workers 0", [*SEARCH, "--workers", "0"]),
@@ -173,6 +165,10 @@ CASES = [
               config(data="sf_bad_tasks:three_channel_splits")),
     _cfg_case("targets with the wrong shape", '[task] data = "sf_bad_tasks:one_hot_splits"',
               config(data="sf_bad_tasks:one_hot_splits")),
+    _cfg_case("class labels stored as floats", '[task] data = "sf_bad_tasks:float_label_splits"',
+              config(data="sf_bad_tasks:float_label_splits")),
+    _cfg_case("class label the model has no score for", '[task] data = "sf_bad_tasks:label_out_of_range_splits"',
+              config(data="sf_bad_tasks:label_out_of_range_splits")),
     _cfg_case("metric that returns NaN", '[task] metric = "sf_bad_tasks:nan_metric"', config(task='metric = "sf_bad_tasks:nan_metric"')),
     _cfg_case("metric that raises", '[task] metric = "sf_bad_tasks:raising_metric"', config(task='metric = "sf_bad_tasks:raising_metric"')),
     # artifacts
@@ -185,6 +181,18 @@ CASES = [
     Case("artifact whose header names code to run (subprocess:getoutput)", "slimforge evaluate evil.slim",
          ["evaluate", "evil.slim"]),
     Case("artifact whose architecture factory is os:system", "slimforge evaluate system.slim", ["evaluate", "system.slim"]),
+    Case("pickle behind slimforge's magic bytes", "slimforge evaluate pickled.slim", ["evaluate", "pickled.slim"]),
+    Case("artifact whose header inflates to 1 GiB (zlib bomb)", "slimforge evaluate bomb.slim", ["evaluate", "bomb.slim"]),
+    Case("artifact declaring a 10^9-element tensor", "slimforge evaluate huge.slim", ["evaluate", "huge.slim"]),
+    Case("artifact asking low_rank for rank 10^6", "slimforge evaluate rank.slim", ["evaluate", "rank.slim"]),
+    Case("built-in task source with an unknown argument", "slimforge evaluate bogus-kwargs.slim",
+         ["evaluate", "bogus-kwargs.slim"]),
+    Case("built-in task source with arguments that are a string", "slimforge evaluate string-kwargs.slim",
+         ["evaluate", "string-kwargs.slim"]),
+    Case("built-in torchvision task source without arguments", "slimforge evaluate torchvision-no-kwargs.slim",
+         ["evaluate", "torchvision-no-kwargs.slim"]),
+    Case("evaluate a folder", "slimforge evaluate artifacts", ["evaluate", "artifacts"]),
+    Case("evaluate a named pipe", "slimforge evaluate pipe.slim", ["evaluate", "pipe.slim"]),
     Case("unknown split", "slimforge evaluate good.slim --split dev", ["evaluate", "good.slim", "--split", "dev"]),
     Case("reproduce a run that does not exist", "slimforge reproduce 0123abcd --tracking-uri sqlite:///mlflow.db",
          ["reproduce", "0123abcd", "--tracking-uri", "sqlite:///mlflow.db"]),
@@ -260,6 +268,15 @@ def test_bad_input_is_one_line_exit_2_as_documented(case, workdir, monkeypatch):
     assert documented[0] == case.shown, f"README row should read:\n{readme_row(case, message)}"
     assert matches(documented[1], message), f"README row should read:\n{readme_row(case, message)}"
     assert not (workdir / "pwned").exists(), "a crafted input ran code"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.argv[0] == "search"], ids=lambda c: c.id)
+def test_bad_search_input_is_refused_before_anything_is_written(case, tmp_path, monkeypatch):
+    """No output folder, study, MLflow store or baseline artifact: only the files the case wrote."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_case(case, tmp_path)
+    assert code == 2, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(case.files), err
 
 
 def test_the_readme_table_lists_only_cases_that_are_tested():

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -132,3 +133,99 @@ def test_resuming_removes_the_files_a_kill_left_and_only_those(killed_and_resume
     (line,) = removal_lines("measure")  # trial 1's artifact was written, then the search died timing it
     assert "trial-0001.slim (trial 1 not recorded complete)" in line, line
     check_only_recorded_artifacts_left(k["root"], k["summary"])
+
+
+# --- two searchers on one study; a resume after the installed techniques changed ----------------------
+
+def _running(storage: str) -> list[int]:
+    import optuna
+
+    if not storage.endswith("optuna.db") or not os.path.exists(storage.removeprefix("sqlite:///")):
+        return []  # the search has not created its study yet
+    try:
+        study = optuna.load_study(study_name=STUDY, storage=storage)
+    except KeyError:  # the file is there, the study not yet
+        return []
+    return [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+
+
+def test_two_searches_of_one_study_lose_nothing_and_record_each_trial_once(subprocess_env, slimforge_cmd, tmp_path):
+    """A second `slimforge search --study kill` started while the first runs a trial joins the study
+    instead of closing that trial as interrupted: both finish, every trial is recorded once in Optuna
+    and in MLflow, none is interrupted, and every artifact a record names is there and decodes.  The
+    first search sleeps 6 s while timing each artifact, so it always holds a RUNNING trial, and has
+    trials left when the second one (which takes its own baseline first) reaches the study."""
+    import optuna
+
+    from slimforge.search.study import SURPLUS_ATTR
+
+    storage = f"sqlite:///{tmp_path / 'out' / 'optuna.db'}"
+    trials = 8
+    argv = search_argv(slimforge_cmd, tmp_path, ["--config", str(tiny_config(tmp_path))], seed=0, trials=trials)
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                             env=fault_env(subprocess_env, SF_FAULT_SLEEP="measure:6"))
+    deadline = time.monotonic() + 300
+    while not _running(storage) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _running(storage), first.communicate()[1][-3000:]
+    second = subprocess.run(argv[:argv.index("--seed") + 1] + ["1"] + argv[argv.index("--seed") + 2:],
+                            capture_output=True, text=True, cwd=tmp_path, env=fault_env(subprocess_env), timeout=600)
+    _, first_err = first.communicate(timeout=600)
+    assert first.returncode == 0, first_err[-3000:]
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "this search joins them" in second.stderr, second.stderr[-3000:]  # it met a live trial of the first
+    assert "interrupted" not in first_err + second.stderr
+
+    recorded = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
+    counted = [t for t in recorded if not t.user_attrs.get(SURPLUS_ATTR)]
+    assert [t.number for t in counted] == list(range(trials))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in counted), [t.state for t in counted]
+    owners = {t.user_attrs["slimforge_worker"] for t in counted}
+    assert len(owners) == 2, owners  # both processes ran trials
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [t["number"] for t in summary["trials"]] == list(range(trials))
+    check_one_mlflow_run_per_trial(f"sqlite:///{tmp_path / 'mlflow.db'}", summary, trials)
+    check_only_recorded_artifacts_left(tmp_path, summary)
+    check_artifacts_and_registry(tmp_path, summary, f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny-compressed")
+
+
+def test_a_resume_after_the_installed_techniques_changed_never_crashes(subprocess_env, slimforge_cmd, tmp_path):
+    """A study that began with the test-only technique sf_fault installed (``SLIMFORGE_PLUGINS``) is
+    refused in one line when resumed without it, before any trial is asked; a study that began
+    without it resumes with it installed and keeps searching the techniques it began with.  Before,
+    both crashed in Optuna ("CategoricalDistribution does not support dynamic value space") and left
+    a trial RUNNING."""
+    import optuna
+
+    config = str(tiny_config(tmp_path))
+    with_plugin = fault_env(subprocess_env)
+    without = {k: v for k, v in with_plugin.items() if k != "SLIMFORGE_PLUGINS"}
+
+    def search(study: str, trials: int, env: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([*slimforge_cmd, "search", "--config", config, "--study", study, "--trials", str(trials),
+                               "--out", str(tmp_path / "out"), "--no-tracking", "--no-progress", "--latency-repeats", "3"],
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+
+    def trials(study: str) -> list:
+        return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / 'out' / 'optuna.db'}").get_trials()
+
+    first = search("began-with", 1, with_plugin)
+    assert first.returncode == 0, first.stderr[-3000:]
+    refused = search("began-with", 2, without)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith("slimforge: error: --study: study 'began-with' searches ") and \
+        "but sf_fault cannot run here now" in line and line.endswith("start a new study with another --study name"), line
+    assert [t.number for t in trials("began-with")] == [0]  # no trial asked by the refused run
+    assert "RUNNING" not in [t.state.name for t in trials("began-with")]
+
+    first = search("began-without", 1, without)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = search("began-without", 2, with_plugin)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not searched, installed since: sf_fault" in resumed.stderr
+    recorded = trials("began-without")
+    # Each trial ran its plan (a plan may still fail on the tiny task; none failed to be sampled).
+    assert len(recorded) == 2 and all(t.state.name != "RUNNING" for t in recorded)
+    assert not any("could not sample" in str(t.user_attrs.get("failure_reason")) for t in recorded)
+    assert not any("sf_fault" in str(t.params) for t in recorded)

@@ -331,16 +331,27 @@ class LowRank(Technique):
                 raise ArtifactError(f"low_rank: artifact factorizes layer {name!r}, which the model lacks") from None
             if getattr(layer, "weight", None) is None:
                 raise ArtifactError(f"low_rank: artifact factorizes layer {name!r}, which holds no weight")
-            replace_module(model, name, factorized_like(layer, int(rank)))
+            replace_module(model, name, factorized_like(layer, _restored_rank(rank, matrix_of(layer).shape, name)))
         derived = structure.get("derived", {})
         if derived:
             sites = weight_sites(model)
             for name, rank in derived.items():
                 if name not in sites:
                     raise ArtifactError(f"low_rank: artifact factorizes weight {name!r}, which the model lacks")
-                weight = sites[name].tensor(model)
-                derive_factors(model, sites[name], LowRankWeight(sites[name], int(rank), dtype=weight.dtype, device=weight.device))
+                site, weight = sites[name], sites[name].tensor(model)
+                rank = _restored_rank(rank, (site.out_features, site.in_features), name)
+                derive_factors(model, site, LowRankWeight(site, rank, dtype=weight.dtype, device=weight.device))
         return model
+
+
+def _restored_rank(rank, shape, name: str) -> int:
+    """A rank read from an artifact, bounded by the rebuilt weight's own shape before any factor
+    is allocated: a header asking for rank 10^6 would otherwise build gigabytes of empty factors."""
+    full = min(shape)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
+        raise ArtifactError(f"low_rank: artifact asks {name!r} for rank {rank!r}; its {shape[0]}x{shape[1]} weight "
+                            f"allows 1 to {full}: the file is corrupted or crafted")
+    return rank
 
 
 @hookimpl

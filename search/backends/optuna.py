@@ -64,7 +64,9 @@ class OptunaBackend:
         def sampler(seed):
             return make_sampler(sampler_name, seed, n_startup_trials)
 
-        self.study = optuna.create_study(storage=storage, study_name=study_name, directions=list(DIRECTIONS),
+        from slimforge.search.study import study_storage  # here: study imports this module's records lazily too
+
+        self.study = optuna.create_study(storage=study_storage(storage), study_name=study_name, directions=list(DIRECTIONS),
                                          sampler=sampler(seed), load_if_exists=True)
         recorded = len(self.study.get_trials(deepcopy=False))
         if recorded:
@@ -76,9 +78,14 @@ class OptunaBackend:
             self._close_interrupted_trials()
 
     def _close_interrupted_trials(self) -> None:
-        """A trial left RUNNING by a killed search never finishes: close it on resume."""
+        """A trial left RUNNING by a killed search never finishes: close it on resume (only one
+        whose owner is gone: ``study.running_trials``)."""
+        from slimforge.search.study import running_trials
+
+        stale, _ = running_trials(self.study)
         for trial, record in self.interrupted():
-            self.tell(trial, record)
+            if record.number in stale:
+                self.tell(trial, record)
 
     def interrupted(self) -> list[tuple[object, TrialRecord]]:
         """Trials a killed search left RUNNING, each with the record to close it with.

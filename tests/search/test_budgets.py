@@ -29,7 +29,7 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["60 kilobytes", "60KBs", "KB", "1,5MB", "-5KB", "sixty", ""])
+@pytest.mark.parametrize("text", ["60 kilobytes", "60KBs", "KB", "1,5MB", "sixty", ""])
 def test_malformed_size_names_the_flag_and_the_units(text):
     with pytest.raises(ConfigError) as info:
         parse_size(text)
@@ -38,7 +38,7 @@ def test_malformed_size_names_the_flag_and_the_units(text):
     assert UNITS in message
 
 
-@pytest.mark.parametrize("text", ["0KB", "0", 0, -3])
+@pytest.mark.parametrize("text", ["0KB", "0", 0, -3, "-5", "-5KB"])
 def test_size_must_be_positive(text):
     with pytest.raises(ConfigError, match=re.escape("--max-size: must be > 0")):
         parse_size(text)
