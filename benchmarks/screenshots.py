@@ -155,7 +155,7 @@ def main() -> int:
              [close_assistant, expand_parent(parent.info.run_name)]),
             ("mlflow-parent-artifacts.png", f"{experiment}/runs/{parent.info.run_id}/artifacts", "pareto.png",
              [close_assistant, lambda page: page.get_by_text("pareto.png").first.click()]),
-            ("optuna-dashboard.png", f"{optuna_url}/dashboard/studies/{sid}", "History", []),
+            ("optuna-dashboard.png", f"{optuna_url}/dashboard/studies/{sid}", "Pareto Front", []),
             ("optuna-trials.png", f"{optuna_url}/dashboard/studies/{sid}/trials", "Trial 0", []),
         ]
         for name, url, ready, actions in shots:
@@ -178,9 +178,13 @@ def main() -> int:
 
 
 def close_assistant(page) -> None:
-    """MLflow 3.x opens its chat assistant beside every page; it covers a third of the table."""
-    page.get_by_text("MLflow Assistant").first.wait_for(timeout=3000)
-    page.locator("[aria-label='Close'], button:right-of(:text('MLflow Assistant'))").last.click(timeout=3000)
+    """MLflow 3.x opens its chat assistant beside every page, over a third of the table: click
+    the last button on its header row (its close button has no label to find it by)."""
+    header = page.get_by_text("MLflow Assistant").first.bounding_box()
+    middle = header["y"] + header["height"] / 2
+    row = [(box["x"], button) for button in page.locator("button").all()
+           if (box := button.bounding_box()) and box["x"] > header["x"] and abs(box["y"] + box["height"] / 2 - middle) < 12]
+    max(row, key=lambda pair: pair[0])[1].click(timeout=3000)
 
 
 def expand_parent(run_name: str):
