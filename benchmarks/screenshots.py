@@ -181,10 +181,13 @@ def close_assistant(page) -> None:
     """MLflow 3.x opens its chat assistant beside every page, over a third of the table: click
     the last button on its header row (its close button has no label to find it by)."""
     header = page.get_by_text("MLflow Assistant").first.bounding_box()
+    if header is None:
+        return
     middle = header["y"] + header["height"] / 2
     row = [(box["x"], button) for button in page.locator("button").all()
            if (box := button.bounding_box()) and box["x"] > header["x"] and abs(box["y"] + box["height"] / 2 - middle) < 12]
-    max(row, key=lambda pair: pair[0])[1].click(timeout=3000)
+    if row:  # none once it has been closed on an earlier page
+        max(row, key=lambda pair: pair[0])[1].click(timeout=3000)
 
 
 def expand_parent(run_name: str):
