@@ -254,7 +254,7 @@ def _rewrite_fx_graph(model: torch.fx.GraphModule) -> None:
         elif node.op == "call_method" and node.target == "dequantize":
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-        elif node.op == "call_function" and str(getattr(node.target, "__module__", "")).startswith("torch.ops.quantized"):
+        elif node.op == "call_function" and str(node.target).startswith("quantized."):  # torch.ops.quantized.add, ...
             raise ExportError(f"int8 graph op {node.target} has no reference form for export")
     graph.eliminate_dead_code()
     model.recompile()
@@ -271,17 +271,22 @@ def _attr(model: nn.Module, value):
 
 class OnnxRuntimeModel:
     """An onnxruntime session with the call convention ``time_forward`` uses (tensors in, a tensor
-    out); the numpy conversions are zero-copy views."""
+    out); the numpy conversions are zero-copy views.  ``kernels`` counts the ops of the graph the
+    session runs, after onnxruntime's fusions (which kernels the QDQ pairs became)."""
 
     def __init__(self, path: Path, threads: int):
         ort = _require("onnxruntime", "ONNX export")
+        onnx = _require("onnx", "ONNX export")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # what the search pins, so the numbers compare
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # its warning about saving the optimized graph is about that copy, not the export
-        self.optimized = Path(tempfile.mkdtemp(prefix="slimforge-ort-")) / "optimized.onnx"
-        options.optimized_model_filepath = str(self.optimized)  # the graph after fusion: which kernels run
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="slimforge-ort-") as tmp:
+            options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")  # written when the session starts
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.kernels: dict[str, int] = {}
+            for node in onnx.load(options.optimized_model_filepath).graph.node:
+                self.kernels[node.op_type] = self.kernels.get(node.op_type, 0) + 1
         self.input_name = self.session.get_inputs()[0].name
 
     def eval(self):
@@ -289,13 +294,6 @@ class OnnxRuntimeModel:
 
     def __call__(self, x):
         return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
-
-    def kernels(self) -> dict[str, int]:
-        onnx = _require("onnx", "ONNX export")
-        ops: dict[str, int] = {}
-        for node in onnx.load(str(self.optimized)).graph.node:
-            ops[node.op_type] = ops.get(node.op_type, 0) + 1
-        return ops
 
 
 class _Callable:
@@ -441,11 +439,11 @@ def export_artifact(path: Path | str, fmt: str, out: Path | str | None = None, *
     timings, method = [], ""
     for batch in batches:
         x = task.example_inputs(batch)
-        ours = time_forward(loaded, x, "cpu", latency)
+        ours = plugins.measure_latency(loaded, x, "cpu", latency)  # as the search and `evaluate` time it
         theirs = time_forward(runtime_model, x, "cpu", latency)
         timings.append(RuntimeLatency(batch_size=len(x[0]), runtime_ms=theirs.median_ms, slimforge_ms=ours.median_ms))
         method = theirs.method
-    ops = runtime_model.kernels() if fmt == "onnx" else _program_ops(program)
+    ops = runtime_model.kernels if fmt == "onnx" else _program_ops(program)
     kernels = {op: n for op, n in ops.items() if op in ORT_INT8_KERNELS} if fmt == "onnx" else {}
     if int8 and fmt == "onnx":
         notes.append(_onnx_int8_note(kernels))

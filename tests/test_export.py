@@ -127,6 +127,22 @@ def test_an_int8_module_without_reference_form_is_named(plugins):
         reference_model(model)
 
 
+def test_an_int8_graph_op_without_reference_form_is_named():
+    from torch.ao.nn.quantized import Quantize
+
+    class Residual(torch.nn.Module):  # what FX conversion leaves for a residual add of int8 tensors
+        def __init__(self):
+            super().__init__()
+            self.quant = Quantize(0.1, 0, torch.quint8)
+
+        def forward(self, x):
+            q = self.quant(x)
+            return torch.ops.quantized.add(q, q, 0.2, 0)
+
+    with pytest.raises(ExportError, match=r"^int8 graph op quantized\.add has no reference form"):
+        reference_model(torch.fx.symbolic_trace(Residual()))
+
+
 def test_cli_export_prints_the_report_and_json(tmp_path, plugins, capsys):
     path, _ = _artifact(tmp_path, plugins, None)
     assert main(["export", str(path), "--format", "torch.export"]) == 0
