@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(onnxruntime, or torch.export.load), compare its outputs with slimforge's model on "
                                         "validation inputs (1e-5 for float32, 2% of the outputs' range for int8) and time "
                                         "both at batch 1 and 32. int8 models keep int8 weights (ONNX: QuantizeLinear/"
-                                        "DequantizeLinear, which onnxruntime fuses into int8 kernels). Exit 1 when the "
+                                        "DequantizeLinear; onnxruntime fuses static int8 into its int8 kernels, and the "
+                                        "report names the kernels it ran). Exit 1 when the "
                                         "outputs differ by more than the tolerance. Needs pip install 'slimforge[export]'.")
     export.add_argument("artifact", type=Path)
     export.add_argument("--format", required=True, choices=("onnx", "torch.export"), help="onnx (.onnx) or torch.export (.pt2)")
