@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,58 +62,144 @@ def write_trials_csv(result: SearchResult, path: Path) -> Path:
     return path
 
 
+def plot_groups(result: SearchResult) -> list[tuple[str, list[TrialRecord]]]:
+    """The plot's legend: every complete trial in exactly one group, Pareto members split by
+    whether they are (or, with tracking on, will be at the end of the search) registered."""
+    complete = [r for r in result.trials if r.state == COMPLETE and r.measurements]
+    on_front = {m.number: m for m in result.pareto}
+    tracked = result.settings.get("tracking", True)
+    members = [on_front[r.number] for r in complete if r.number in on_front]
+    groups = [
+        ("Pareto, registered" if tracked else "Pareto, at or above the floor (tracking off: not registered)",
+         [m for m in members if not m.not_registered]),
+        ("Pareto, below the registration floor", [m for m in members if m.not_registered]),
+        ("dominated (feasible)", [r for r in complete if r.feasible and r.number not in on_front]),
+        ("infeasible", [r for r in complete if not r.feasible and r.number not in on_front]),
+    ]
+    return [(label, records) for label, records in groups if records]
+
+
+_MPL_STYLES = {"Pareto, registered": dict(marker="*", s=170, color="tab:red", zorder=4),
+               "Pareto, below the registration floor": dict(marker="*", s=170, facecolors="none", edgecolors="tab:red",
+                                                            zorder=4),
+               "dominated (feasible)": dict(s=28, color="tab:blue"),
+               "infeasible": dict(s=28, facecolors="none", edgecolors="tab:gray")}
+_PANELS = (("size_bytes", 1e-3, "artifact size (KB, log scale)", "max_size_bytes"),
+           ("latency_ms", 1.0, "median latency (ms)", "max_latency_ms"))
+
+
+def _lines(result: SearchResult) -> dict[str, float | None]:
+    """Horizontal accuracy lines (registration floor, accuracy budget) and vertical budget limits."""
+    floor = (result.registration_floor or {}).get("min_accuracy")
+    return {"floor": floor, "min_accuracy": result.budgets.get("min_accuracy"),
+            "max_size_bytes": result.budgets.get("max_size_bytes"), "max_latency_ms": result.budgets.get("max_latency_ms")}
+
+
+def _title(result: SearchResult) -> str:
+    counts = result.counts()
+    return (f"{result.task} - study {result.study_name}: {len(result.trials)} trials, {counts['feasible']} feasible, "
+            f"{len(result.pareto)} on the Pareto front")
+
+
 def write_pareto_plot(result: SearchResult, path: Path) -> Path:
-    """Accuracy vs size and accuracy vs latency; feasible trials filled, infeasible hollow,
-    Pareto members starred and numbered, budgets drawn as dashed lines, baseline as a diamond."""
+    """Accuracy vs size and accuracy vs latency.  Pareto members are stars, filled when registered
+    and hollow when below the registration floor, and numbered; dominated feasible trials are dots,
+    infeasible ones hollow circles, the uncompressed model a diamond.  The registration floor and
+    every budget are drawn as lines.  With plotly installed, ``pareto.html`` beside ``path`` holds
+    the same picture, interactive (``write_pareto_html``)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    complete = [r for r in result.trials if r.state == COMPLETE and r.measurements]
-    pareto_numbers = {m.number for m in result.pareto}
-    budgets = result.budgets
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    panels = [("size_bytes", 1e-3, "artifact size (KB, log scale)", budgets.get("max_size_bytes")),
-              ("latency_ms", 1.0, f"median latency (ms), {result.settings.get('device', 'cpu')}", budgets.get("max_latency_ms"))]
-    for ax, (field, scale, label, limit) in zip(axes, panels):
-        for feasible, style in ((True, dict(color="tab:blue", label="feasible")),
-                                (False, dict(facecolors="none", edgecolors="tab:gray", label="infeasible"))):
-            points = [r for r in complete if r.feasible == feasible and r.number not in pareto_numbers]
-            ax.scatter([getattr(r.measurements, field) * scale for r in points],
-                       [r.measurements.accuracy for r in points], s=28, **style)
-        members = [r for r in complete if r.number in pareto_numbers]
-        ax.scatter([getattr(r.measurements, field) * scale for r in members], [r.measurements.accuracy for r in members],
-                   marker="*", s=160, color="tab:red", label="Pareto (registered)", zorder=3)
-        for r in members:
+    groups, lines = plot_groups(result), _lines(result)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), sharey=True)
+    for ax, (field, scale, label, limit_key) in zip(axes, _PANELS):
+        for name, records in groups:
+            ax.scatter([getattr(r.measurements, field) * scale for r in records], [r.measurements.accuracy for r in records],
+                       label=name, **_MPL_STYLES[name])
+        for r in (r for name, records in groups if name.startswith("Pareto") for r in records):
             ax.annotate(str(r.number), (getattr(r.measurements, field) * scale, r.measurements.accuracy),
                         textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.scatter([getattr(result.baseline, field) * scale], [result.baseline.accuracy], marker="D", s=60,
                    color="black", label="uncompressed")
-        if limit is not None:
-            ax.axvline(limit * scale, color="tab:orange", linestyle="--", label="budget")
-        if budgets.get("min_accuracy") is not None:
-            ax.axhline(budgets["min_accuracy"], color="tab:orange", linestyle="--")
+        if lines[limit_key] is not None:
+            ax.axvline(lines[limit_key] * scale, color="tab:orange", linestyle="--",
+                       label=f"{'size' if field == 'size_bytes' else 'latency'} budget")
+        if lines["min_accuracy"] is not None:
+            ax.axhline(lines["min_accuracy"], color="tab:green", linestyle="--", label="accuracy budget")
+        if lines["floor"] is not None:
+            ax.axhline(lines["floor"], color="tab:purple", linestyle=":", label="registration floor")
         if field == "size_bytes":
             ax.set_xscale("log")
-        ax.set_xlabel(label)
+        ax.set_xlabel(label if field == "size_bytes" else f"{label}, {result.settings.get('device', 'cpu')}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy")
-    axes[1].legend(loc="lower right", fontsize=8)
-    counts = result.counts()
-    fig.suptitle(f"{result.task} - study {result.study_name}: {len(result.trials)} trials, {counts['feasible']} feasible, "
-                 f"{len(result.pareto)} on the Pareto front")
-    fig.tight_layout()
+    handles = {}
+    for ax in axes:  # one legend for both panels: each entry once
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 4), fontsize=8)
+    fig.suptitle(_title(result))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+_PLOTLY_STYLES = {"Pareto, registered": dict(symbol="star", size=14, color="#d62728"),
+                  "Pareto, below the registration floor": dict(symbol="star-open", size=14, color="#d62728"),
+                  "dominated (feasible)": dict(symbol="circle", size=7, color="#1f77b4"),
+                  "infeasible": dict(symbol="circle-open", size=7, color="#7f7f7f")}
+
+
+def write_pareto_html(result: SearchResult, path: Path) -> Path | None:
+    """The Pareto plot as a self-contained interactive page (plotly, its JavaScript inlined so it
+    opens offline; about 5 MB): hovering a point shows its trial, plan and measurements.  Returns
+    None when plotly is not installed (``pip install 'slimforge[plot]'``)."""
+    try:
+        from plotly import graph_objects as go
+        from plotly.subplots import make_subplots
+    except ImportError:
+        return None
+    groups, lines = plot_groups(result), _lines(result)
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.05,
+                        subplot_titles=[label for _, _, label, _ in _PANELS])
+    for col, (field, scale, _, limit_key) in enumerate(_PANELS, start=1):
+        for name, records in groups:
+            style = _PLOTLY_STYLES.get(name, _PLOTLY_STYLES["Pareto, registered"])
+            text = [f"trial {r.number}<br>{r.plan_text}<br>acc {r.measurements.accuracy:.4f}, "
+                    f"{r.measurements.size_bytes / 1000:.1f} KB, {r.measurements.latency_ms:.3f} ms" for r in records]
+            fig.add_trace(go.Scatter(x=[getattr(r.measurements, field) * scale for r in records],
+                                     y=[r.measurements.accuracy for r in records], mode="markers", name=name,
+                                     legendgroup=name, showlegend=col == 1, marker=style, text=text,
+                                     hovertemplate="%{text}<extra></extra>"), row=1, col=col)
+        fig.add_trace(go.Scatter(x=[getattr(result.baseline, field) * scale], y=[result.baseline.accuracy],
+                                 mode="markers", name="uncompressed", legendgroup="uncompressed", showlegend=col == 1,
+                                 marker=dict(symbol="diamond", size=10, color="black")), row=1, col=col)
+        if lines[limit_key] is not None:
+            fig.add_vline(x=lines[limit_key] * scale, line_dash="dash", line_color="orange", row=1, col=col,
+                          annotation_text="budget")
+        if lines["min_accuracy"] is not None:
+            fig.add_hline(y=lines["min_accuracy"], line_dash="dash", line_color="green", row=1, col=col,
+                          annotation_text="accuracy budget" if col == 1 else None)
+        if lines["floor"] is not None:
+            fig.add_hline(y=lines["floor"], line_dash="dot", line_color="purple", row=1, col=col,
+                          annotation_text="registration floor" if col == 1 else None)
+    fig.update_xaxes(type="log", row=1, col=1)
+    fig.update_yaxes(title_text="validation accuracy", row=1, col=1)
+    fig.update_layout(title=_title(result), template="plotly_white")
+    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+    return path
+
+
 def write_reports(result: SearchResult, out_dir: Path) -> None:
-    """summary.json, trials.csv and pareto.png in ``out_dir``."""
+    """summary.json, trials.csv, pareto.png and (with plotly) pareto.html in ``out_dir``."""
     write_summary(result, out_dir / "summary.json")
     write_trials_csv(result, out_dir / "trials.csv")
     write_pareto_plot(result, out_dir / "pareto.png")
+    if write_pareto_html(result, out_dir / "pareto.html") is None:
+        print("pareto.html not written: the interactive plot needs plotly (pip install 'slimforge[plot]')", file=sys.stderr)
 
 
 def write_summary(result: SearchResult, path: Path) -> None:

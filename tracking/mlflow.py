@@ -586,7 +586,8 @@ class MlflowTracker:
             tags["registration_floor"] = f"{result.registration_floor['min_accuracy']:.4f} ({result.registration_floor['rule']})"
         self.pending.append(self._op(
             "search_end", metrics=metrics, tags=tags,
-            artifacts=[str(out_dir / name) for name in ("summary.json", "trials.csv", "pareto.png")]))
+            artifacts=[str(out_dir / name) for name in ("summary.json", "trials.csv", "pareto.png", "pareto.html")
+                       if name != "pareto.html" or (out_dir / name).exists()]))  # the html needs plotly
         self._flush()
 
         links = {number: self._outcomes[op_id]["links"] for number, op_id in registrations.items()
