@@ -217,7 +217,7 @@ def format_result(result, width: int | None = None) -> str:
     from slimforge.search.reports import search_summary
 
     if width is None:
-        width = shutil.get_terminal_size(fallback=(0, 0)).columns
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
 
     s = search_summary(result.trials, result.baseline)
     stopped = f", {s['stopped_by_scheduler']} stopped by the scheduler" if s["stopped_by_scheduler"] else ""
