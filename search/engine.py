@@ -68,7 +68,7 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
     trackers = plugins.search_trackers(settings.to_dict())
     for tracker in trackers:
         plugins.register(tracker)
-    search_started, backend, ctx = False, None, None
+    search_started, reported, backend, ctx = False, False, None, None
     try:
         # Trials a killed search left RUNNING are closed below, once the trackers have started.
         backend = OptunaBackend(storage=settings.storage, study_name=settings.study, seed=settings.seed, budgets=budgets,
@@ -101,9 +101,10 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
                               settings=settings.to_dict(), metric=task.metric_name, loop_seconds=ctx.loop_seconds,
                               registration_floor=floor.to_dict())
         write_reports(result, settings.out_dir)  # before search_end: trackers attach these files
+        reported = True
         plugins.search_end(result)
     except BaseException as exc:  # Ctrl-C included: the tracker ends its parent run KILLED, not RUNNING forever
-        if search_started and isinstance(exc, KeyboardInterrupt):
+        if search_started and isinstance(exc, KeyboardInterrupt) and not reported:  # else the whole report is there
             _write_partial(backend, ctx, task, budgets, settings, baseline, baseline_test)
         if search_started:
             plugins.search_stopped(exc)
