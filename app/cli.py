@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from slimforge import __version__
 from slimforge.core.errors import ConfigError, SlimforgeError, UnknownNameError
 
 EXAMPLES = """\
@@ -55,13 +56,15 @@ def _plugins(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from slimforge.search.budgets import budget_fields
-    from slimforge.search.settings import add_arguments
+    from slimforge.search.settings import TRACKING_URI_HELP, add_arguments
 
     parser = _Parser(
         prog="slimforge", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Find the best compressed versions of a PyTorch model under hard size, latency and "
                     "accuracy budgets. Sizes are artifact file bytes; latencies are timed on the device.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"slimforge {__version__}",
+                        help="print slimforge's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     search = sub.add_parser("search", help="run a budgeted compression search",
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--max-size", help="size limit, e.g. 150KB")
     promote.add_argument("--max-latency", help="latency limit in ms")
     promote.add_argument("--split", default="test", help="held-out split to re-measure on (default test)")
-    promote.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db in the working dir)")
+    promote.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     promote.add_argument("--dry-run", action="store_true", help="show the decision without moving the alias or recording it")
     _plugin_flags(promote)
 
@@ -157,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "check that the rebuilt artifact is identical, bit for bit. Exit 0 when "
                                            "identical, 1 when not.")
     reproduce.add_argument("run_id", help="MLflow run id of a trial (the nested run trial-NNNN of a registered model)")
-    reproduce.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db in the working dir)")
+    reproduce.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     reproduce.add_argument("--config", type=Path, help="task config, instead of the task the artifact's header records")
     reproduce.add_argument("--trust", action="store_true",
                            help="call the factories the artifact's header names even though this account has not "
@@ -223,8 +226,16 @@ def cmd_search(args) -> int:
     return 0
 
 
-def format_result(result) -> str:
+def format_result(result, width: int | None = None) -> str:
+    """The printed summary and Pareto table.  ``width``: cut each row's plan to this many columns
+    (default: the terminal's width when stdout is a terminal, else no cut: a log keeps whole
+    plans); summary.json always has them whole."""
+    import shutil
+
     from slimforge.search.reports import search_summary
+
+    if width is None:
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
 
     s = search_summary(result.trials, result.baseline)
     stopped = f", {s['stopped_by_scheduler']} stopped by the scheduler" if s["stopped_by_scheduler"] else ""
@@ -242,12 +253,20 @@ def format_result(result) -> str:
         return "\n".join(lines + describe(closest_for(result)))
     header = f"{'trial':>5}  {'acc val':>7}  {'acc test':>8}  {'KB':>8}  {'ratio':>6}  {'ms':>7}  {'version':>7}  plan"
     lines += ["Pareto front (feasible, validation-selected):", header, "-" * len(header)]
+    cut = False
     for r in result.pareto:
         m, t = r.measurements, r.test_measurements
         ratio = result.baseline.size_bytes / m.size_bytes
         version = r.links.get("model_version", "floor" if r.not_registered else "-")
-        lines.append(f"{r.number:>5}  {m.accuracy:>7.4f}  {t.accuracy:>8.4f}  {m.size_bytes / 1000:>8.1f}  "
-                     f"{ratio:>5.1f}x  {m.latency_ms:>7.3f}  {version!s:>7}  {r.plan_text}")
+        row = (f"{r.number:>5}  {m.accuracy:>7.4f}  {t.accuracy:>8.4f}  {m.size_bytes / 1000:>8.1f}  "
+               f"{ratio:>5.1f}x  {m.latency_ms:>7.3f}  {version!s:>7}  ")
+        room = width - len(row) - 1  # the last column left free: some terminals wrap a full line
+        plan = r.plan_text
+        if width and len(plan) > room:
+            plan, cut = plan[:max(room - 3, 10)] + "...", True
+        lines.append(row + plan)
+    if cut:
+        lines.append("(plans cut to the terminal's width; whole plans in summary.json, pareto[].plan_text)")
     below = [str(r.number) for r in result.pareto if r.not_registered]
     if below:
         floor = result.registration_floor
@@ -298,10 +317,11 @@ def cmd_export(args) -> int:
 
 def cmd_promote(args) -> int:
     from slimforge.search.budgets import Budgets
+    from slimforge.search.settings import resolve_tracking_uri
     from slimforge.tracking.registry import promote
 
     limits = Budgets.parse(max_size=args.max_size, max_latency=args.max_latency, min_accuracy=args.min_accuracy)
-    uri = args.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    uri = resolve_tracking_uri(args.tracking_uri)
     decision = promote(args.model, args.policy, tracking_uri=uri, min_accuracy=limits.min_accuracy,
                        max_size_bytes=limits.max_size_bytes, max_latency_ms=limits.max_latency_ms, split=args.split,
                        dry_run=args.dry_run, progress=lambda msg: print(msg, file=sys.stderr), plugins=_plugins(args))
@@ -357,8 +377,9 @@ def cmd_sync(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from slimforge.search.reproduce import reproduce
+    from slimforge.search.settings import resolve_tracking_uri
 
-    uri = args.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    uri = resolve_tracking_uri(args.tracking_uri)
     result = reproduce(args.run_id, tracking_uri=uri, config=args.config, trust_header=args.trust, out_dir=args.out,
                        log=lambda msg: print(msg, file=sys.stderr), plugins=_plugins(args))
     print(f"recorded: {result.recorded_sha256}  {result.model_uri} (trial {result.trial})")

@@ -25,7 +25,7 @@ from slimforge.search.budgets import Budgets
 from slimforge.search.loop import InProcess, SearchContext, TrialLoop
 from slimforge.search.pareto import pareto_front, registration_floor
 from slimforge.search.records import SearchResult, TrialRecord, record_from_dict
-from slimforge.search.reports import write_reports, write_summary
+from slimforge.search.reports import write_partial_reports, write_reports, write_summary
 from slimforge.search.settings import SearchSettings
 from slimforge.search.study import (TECHNIQUES_ATTR, WORKER_ATTR, close_interrupted, log, read_stored_settings,
                                     record_techniques, remove_orphaned_files, store_settings, study_techniques,
@@ -75,7 +75,7 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
     trackers = plugins.search_trackers(settings.to_dict())
     for tracker in trackers:
         plugins.register(tracker)
-    search_started = False
+    search_started, reported, backend, ctx = False, False, None, None
     try:
         # Trials a killed search left RUNNING are closed below, once the trackers have started.
         backend = OptunaBackend(storage=settings.storage, study_name=settings.study, seed=settings.seed, budgets=budgets,
@@ -110,8 +110,11 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
                               settings=settings.to_dict(), metric=task.metric_name, loop_seconds=ctx.loop_seconds,
                               registration_floor=floor.to_dict())
         write_reports(result, settings.out_dir)  # before search_end: trackers attach these files
+        reported = True
         plugins.search_end(result)
     except BaseException as exc:  # Ctrl-C included: the tracker ends its parent run KILLED, not RUNNING forever
+        if search_started and isinstance(exc, KeyboardInterrupt) and not reported:  # else the whole report is there
+            _write_partial(backend, ctx, task, budgets, settings, baseline, baseline_test)
         if search_started:
             plugins.search_stopped(exc)
         raise
@@ -139,6 +142,23 @@ def _enqueue_expert_seeds(backend, planner: Planner, task: Task, baseline: Measu
         backend.study.enqueue_trial(params, user_attrs={SEED_ATTR: label})
     if seeds:
         log(f"expert seeds: {len(seeds)} plan(s) queued first: " + "; ".join(label for label, _ in seeds))
+
+
+def _write_partial(backend, ctx, task: Task, budgets: Budgets, settings: SearchSettings, baseline: Measurements,
+                   baseline_test: Measurements) -> None:
+    """Ctrl-C: the reports of the trials recorded so far, before the trackers end the search."""
+    records = [record_from_dict(r) for r in backend.records()]
+    result = SearchResult(study_name=settings.study, task=task.name, budgets=budgets.to_dict(), baseline=baseline,
+                          baseline_test=baseline_test, trials=records, pareto=pareto_front(records),
+                          settings=settings.to_dict(), metric=task.metric_name,
+                          loop_seconds=ctx.loop_seconds if ctx else {})
+    try:
+        write_partial_reports(result, settings.out_dir, "KeyboardInterrupt (Ctrl-C)")
+    except Exception as exc:  # noqa: BLE001 - the interrupt goes on up either way; say what is missing
+        log(f"interrupted: could not write the partial summary: {type(exc).__name__}: {exc}")
+        return
+    log(f"interrupted: partial summary of {len(records)} recorded trial(s) in {settings.out_dir / 'summary.json'}; "
+        f"resume with --study {settings.study}")
 
 
 def _run_trials(ctx: SearchContext, spec: WorkerSpec) -> None:

@@ -11,10 +11,16 @@ Backends differ only in *where* a trial runs:
 - Ray Tune (``backends.ray``): Tune calls the loop's ``start`` / ``finish`` from its searcher.
 ``run`` drives the first two through the same three calls a trial runner offers: ``idle``,
 ``submit``, ``poll``.
+
+Ctrl-C stops ``run``: the trials this process was running are closed FAIL with the reason
+"interrupted" (one measured before the key was pressed keeps its measurements), the trackers see
+them like any trial, and the KeyboardInterrupt goes on up, where the search writes its partial
+summary.  No trial is left RUNNING for a resume to clean up.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +31,7 @@ from slimforge.core.plan import Plan
 from slimforge.search.records import TrialRecord, failed_record, record_from_dict
 from slimforge.search.reports import progress_text
 from slimforge.search.seeds import SEED_ATTR
-from slimforge.search.study import claim_trial, counted, finish_trial, log
+from slimforge.search.study import WORKER_ATTR, claim_trial, counted, finish_trial, log, this_process
 
 
 @dataclass
@@ -95,6 +101,8 @@ class TrialLoop:
             log(f"study {ctx.settings.study!r}: {done} trial(s) already recorded, running or queued; "
                 f"{max(0, ctx.settings.trials - done)} to go")
         self.progress = Progress(ctx, done)
+        if hasattr(ctx.runner, "progress"):  # trials run here tell the live line their phase and epoch
+            ctx.runner.progress = self.progress.phase
 
     def remaining(self) -> int:
         return max(0, self.ctx.settings.trials - counted(self.ctx.backend.study))
@@ -139,6 +147,7 @@ class TrialLoop:
             raise
         self.ctx.backend.started(trial, plan.to_dict(), plan.describe())
         self.ctx.plugins.trial_start(trial.number, plan)
+        self.progress.started(trial.number, plan.describe())
         return StartedTrial(trial=trial, plan=plan, asked=asked)
 
     def finish(self, started: StartedTrial, record: TrialRecord | None, failure: str | None = None) -> None:
@@ -150,7 +159,7 @@ class TrialLoop:
         if seed:
             record.notes.insert(0, f"expert seed: {seed}")
         finish_trial(self.ctx.backend, self.ctx.plugins, started.trial, record)
-        self.progress.finished()
+        self.progress.finished(record)
         self.ctx.loop_seconds[started.number] = time.monotonic() - started.asked
 
     def history(self) -> list[dict]:
@@ -168,9 +177,12 @@ class TrialLoop:
                 if not running:
                     break
                 for started, record, failure in executor.poll():
-                    running.pop(started.number, None)
                     self.finish(started, record, failure)
-        except BaseException:  # Ctrl-C or a crash: this process's trials end here, none stays RUNNING
+                    running.pop(started.number, None)  # after finish: a Ctrl-C inside it still closes the trial
+        except KeyboardInterrupt:
+            self.close_interrupted(running)
+            raise
+        except BaseException:  # a crash: this process's trials end here, none stays RUNNING
             from slimforge.search.backends.optuna import INTERRUPTED
 
             for started in running.values():
@@ -183,27 +195,107 @@ class TrialLoop:
             self.close()
             executor.close()
 
+    def close_interrupted(self, running: dict[int, StartedTrial]) -> None:
+        """After Ctrl-C: close every trial this process still holds RUNNING (those it was
+        running, and one it had claimed but not yet started) the way a resume would
+        (``OptunaBackend.interrupted``), at once, through the trackers."""
+        import optuna
+
+        backend = self.ctx.backend
+        mine = {t.number for t in backend.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                if t.number in running or t.user_attrs.get(WORKER_ATTR) == this_process()}
+        for trial, record in backend.interrupted():
+            if record.number not in mine:
+                continue  # another process's trial (`slimforge worker`): it is running, not interrupted
+            if record.number in running and not record.duration_s:
+                record.duration_s = time.monotonic() - running[record.number].asked
+            finish_trial(backend, self.ctx.plugins, trial, record)
+            self.progress.finished(record)
+
     def close(self) -> None:
         self.progress.close()
 
 
 class Progress:
-    """The progress bar: its position and postfix come from the study, so trials finished by
-    other workers count too."""
+    """What the terminal shows while trials run.
 
-    def __init__(self, ctx: SearchContext, done: int):
-        from tqdm.auto import tqdm
+    - On a terminal: tqdm's bar (trials done out of the study's total, with the study's counts,
+      hypervolume and best feasible trial) and, under it, a live line for the running trial: its
+      number, phase, epoch and plan, cut to the terminal's width.
+    - Not a terminal (a log file, CI, a pipe): one plain line per event (trial started, phase,
+      epoch, trial finished), each ending in a newline, never a carriage return.
+    - ``--no-progress``: nothing.
 
-        self.ctx = ctx
-        self.bar = tqdm(total=ctx.settings.trials, initial=done, desc="trials", unit="trial", file=sys.stderr,
-                        disable=not ctx.settings.progress, dynamic_ncols=True)
+    The bar's position and postfix come from the study, so trials finished by other workers
+    count too."""
 
-    def finished(self) -> None:
+    def __init__(self, ctx: SearchContext, done: int, stream=None):
+        self.ctx, self.stream = ctx, stream or sys.stderr
+        self.done, self.total = done, ctx.settings.trials
+        self.mode = "off" if not ctx.settings.progress else "bar" if _isatty(self.stream) else "lines"
+        self.running: dict[int, str] = {}  # trial number -> plan text
+        self.bar = self.status = None
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=done, desc="trials", unit="trial", file=self.stream,
+                            dynamic_ncols=True)
+            self.status = tqdm(total=0, position=1, bar_format="{desc}", file=self.stream, leave=False)
+
+    def _line(self, text: str) -> None:
+        if self.mode == "lines":
+            print(text, file=self.stream, flush=True)
+        elif self.mode == "bar":
+            width = shutil.get_terminal_size().columns - 1
+            self.status.set_description_str(text if len(text) <= width else text[:max(width - 3, 0)] + "...")
+
+    def started(self, number: int, plan_text: str) -> None:
+        self.running[number] = plan_text
+        self._line(f"trial {number}: started: {plan_text}")
+
+    def phase(self, number: int, phase: str, epoch: int | None = None, epochs: int | None = None,
+              score: float | None = None) -> None:
+        """The running trial's phase (applying, estimating size, fine-tuning, measuring ...);
+        while fine-tuning, the epoch just finished of ``epochs`` and its validation score."""
+        text = f"trial {number}: {phase}"
+        if epoch is not None:
+            text += f" epoch {epoch}/{epochs}" + (f", val {score:.4f}" if score is not None else "")
+        elif epochs is not None:
+            text += f" ({epochs} epoch{'s' if epochs != 1 else ''})"
+        self._line(text + (f" | {self.running[number]}" if self.mode == "bar" and number in self.running else ""))
+
+    def finished(self, record: TrialRecord) -> None:
         """Call after a record is stored; also refreshes the runner's history (early stopping)."""
         records = [record_from_dict(r) for r in self.ctx.backend.records()]
         self.ctx.runner.history = records
-        self.bar.n = min(len(records), self.bar.total)
-        self.bar.set_postfix_str(progress_text(records, self.ctx.baseline))  # also redraws
+        self.running.pop(record.number, None)
+        summary = progress_text(records, self.ctx.baseline)
+        if self.mode == "bar":
+            self.bar.n = min(len(records), self.bar.total)
+            self.bar.set_postfix_str(summary)  # also redraws
+            self._line(next((f"trial {n}: running | {text}" for n, text in self.running.items()), ""))
+        elif self.mode == "lines":
+            self._line(f"trial {record.number}: {trial_outcome(record)} [{min(len(records), self.total)}/{self.total}] "
+                       f"{summary}")
 
     def close(self) -> None:
-        self.bar.close()
+        for bar in (self.status, self.bar):
+            if bar is not None:
+                bar.close()
+
+
+def trial_outcome(record: TrialRecord) -> str:
+    """One trial's result in a few words: its state and measurements, or why it has none."""
+    m = record.measurements
+    if m is not None:
+        feasible = "feasible" if record.feasible else "infeasible"
+        return (f"{record.state}, acc {m.accuracy:.4f}, {m.size_bytes / 1000:.1f} KB, {m.latency_ms:.3f} ms, "
+                f"{feasible}")
+    return f"{record.state}: {record.failure_reason or record.stopped_early or 'no measurements'}"
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or file-like stream without a terminal
+        return False

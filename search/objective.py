@@ -11,6 +11,7 @@ import math
 import re
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,9 @@ class TrialRunner:
     # Rebuilding a recorded trial (`slimforge reproduce`): train exactly this many epochs, the
     # number the original trial trained before it finished or was stopped early.
     replay_epochs: int | None = None
+    # Told what a trial is doing, ``progress(number, phase, epoch=, epochs=, score=)``, for the
+    # terminal's live line (``loop.Progress.phase``); None: nobody listens.
+    progress: Callable[..., None] | None = None
 
     def __post_init__(self) -> None:
         self._teacher_outputs: TeacherOutputs | None = None
@@ -144,7 +148,12 @@ class TrialRunner:
         return ([s for s in structural if stage[s.technique] < Stage.SHARING],
                 [s for s in structural if stage[s.technique] >= Stage.SHARING], finishing)
 
+    def _phase(self, number: int, phase: str, **info) -> None:
+        if self.progress is not None:
+            self.progress(number, phase, **info)
+
     def _run(self, plan: Plan, record: TrialRecord) -> None:
+        self._phase(record.number, "applying the plan")
         torch.manual_seed(plan.seed)
         artifact = trial_artifact_path(self.artifact_dir, record.number)
         before_sharing, sharing, finishing = self._split_steps(plan)
@@ -152,6 +161,7 @@ class TrialRunner:
 
         size_estimate = None
         if plan.recovery.epochs > 0:
+            self._phase(record.number, "estimating size")
             # Structure fixes the size up to entropy-coding noise: finish a copy now and reject
             # the plan before paying for fine-tuning if its file would already be too big.  The
             # estimate also feeds the early-stopping dominance rule.
@@ -173,6 +183,7 @@ class TrialRunner:
         val = self.task.split("val")
         retrain_seconds = 0.0
         if sharing:
+            self._phase(record.number, "retraining before sharing")
             retrain = recover(model, applied, self.task.split("train"),
                               Recovery(epochs=plan.recovery.before_sharing_epochs, lr=plan.recovery.lr),
                               device=self.device, seed=plan.seed, teacher_outputs=self.teacher_outputs)
@@ -181,13 +192,21 @@ class TrialRunner:
                                 f"(loss per epoch {', '.join(f'{x:.4f}' for x in retrain.losses)})")
             model, shared = self._apply(model, sharing, plan, record)
             applied += shared
+        def epoch_end(log: RecoveryLog, left: int) -> str | None:
+            self._phase(record.number, "fine-tuning", epoch=len(log.scores), epochs=plan.recovery.epochs,
+                        score=log.scores[-1])
+            return self.early_stop(log, left, size_estimate)
+
+        if plan.recovery.epochs:
+            self._phase(record.number, "fine-tuning", epochs=plan.recovery.epochs)
         log = RecoveryLog() if plan.recovery.epochs == 0 else recover(model, applied, self.task.split("train"), plan.recovery, device=self.device, seed=plan.seed,
                       teacher_outputs=self.teacher_outputs,
                       score=lambda m: evaluate(m, val, self.task.metric, device=self.device),
-                      should_stop=lambda log, left: self.early_stop(log, left, size_estimate))
+                      should_stop=epoch_end)
         record.epoch_losses, record.epoch_scores = log.losses, log.scores
         record.stopped_early, record.training_seconds = log.stopped_early, retrain_seconds + log.seconds
         model, finished = self._apply(model.to("cpu") if finishing else model, finishing, plan, record)
+        self._phase(record.number, "saving and measuring the artifact")
         save_model(model, artifact, task=self.task, plan=plan, structure=[s.ctx.structure for s in applied + finished])
         record.artifact_path = str(artifact)
         record.measurements = self.measure(artifact, split="val")

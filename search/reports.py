@@ -202,8 +202,23 @@ def write_reports(result: SearchResult, out_dir: Path) -> None:
         print("pareto.html not written: the interactive plot needs plotly (pip install 'slimforge[plot]')", file=sys.stderr)
 
 
-def write_summary(result: SearchResult, path: Path) -> None:
+def write_partial_reports(result: SearchResult, out_dir: Path, stopped_by: str) -> None:
+    """What a search stopped early (Ctrl-C) leaves: the reports of the trials recorded so far,
+    with ``summary.json`` marked ``partial``.  Its front is selected on validation as always, but
+    the test split was never used and nothing was registered: resuming the study does both."""
+    for member in result.pareto:
+        member.not_registered = member.not_registered or f"the search was stopped ({stopped_by}) before registration"
+    write_summary(result, out_dir / "summary.json", partial={
+        "stopped_by": stopped_by, "note": "trials recorded before the search was stopped; no test-split numbers and "
+        "no registrations yet: rerun with --study to resume"})
+    write_trials_csv(result, out_dir / "trials.csv")
+    write_pareto_plot(result, out_dir / "pareto.png")
+
+
+def write_summary(result: SearchResult, path: Path, partial: dict[str, str] | None = None) -> None:
     data = result.to_dict()
+    if partial is not None:
+        data["partial"] = partial
     data["closest_to_feasible"] = closest_for(result)
     data["search_summary"] = search_summary(result.trials, result.baseline) | {"loop_overhead_s": result.loop_overhead()}
     write_json_atomic(path, data)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -78,6 +79,7 @@ LATENCY_OPTIONS = {
 }
 NOT_WITH_RAY = ("not supported with --backend ray (Ray's memory monitor kills trials that exhaust memory); "
                 "use --backend optuna")
+TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,8 +137,7 @@ class SearchSettings:
     scheduler: str = option("fifo", "--scheduler", "Ray trial scheduler: fifo (default) runs every trial to the end; "
                             "asha stops trials whose validation score trails the others after an epoch",
                             choices=SCHEDULERS, group="search at scale", ray_only=True, cli_choices=True)
-    tracking_uri: str | None = option(None, "--tracking-uri", "MLflow tracking URI (default sqlite:///mlflow.db in "
-                                      "the working dir)", group="tracking")
+    tracking_uri: str | None = option(None, "--tracking-uri", TRACKING_URI_HELP, group="tracking")
     tracking: bool = option(True, "--no-tracking", "do not log to MLflow", kind="bool", group="tracking")
     experiment: str = option("slimforge", "--experiment", "MLflow experiment name (default slimforge)",
                              group="tracking")
@@ -180,7 +181,7 @@ class SearchSettings:
         """The defaults that depend on the task and the working directory, filled in."""
         study = self.study or f"{task_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         storage = self.storage or f"sqlite:///{(self.out_dir / 'optuna.db').resolve()}"
-        tracking_uri = self.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+        tracking_uri = resolve_tracking_uri(self.tracking_uri)
         return dataclasses.replace(self, study=study, storage=storage, tracking_uri=tracking_uri,
                                    registered_model=self.registered_model or f"{task_name}-compressed")
 
@@ -226,6 +227,13 @@ class SearchSettings:
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
+
+
+def resolve_tracking_uri(given: str | None) -> str:
+    """The MLflow tracking URI, first found: ``given`` (``--tracking-uri``, ``[search]
+    tracking_uri``), then ``$MLFLOW_TRACKING_URI`` (what MLflow's own clients read), then
+    ``sqlite:///mlflow.db`` in the working directory."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 def options() -> list[tuple[dataclasses.Field, dict[str, Any]]]:

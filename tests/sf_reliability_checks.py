@@ -4,7 +4,6 @@ summary.json, its MLflow runs and its registered models must look like after any
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -41,9 +40,11 @@ def study_trials(storage: str, study: str = STUDY) -> dict[int, tuple[str, dict 
     """number -> (Optuna state name, stored record or None), read straight from the study."""
     import optuna
 
+    from slimforge.search.backends.optuna import RECORD_ATTR, attr_value
+
     trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
-    return {t.number: (t.state.name, json.loads(t.user_attrs["slimforge_record"]) if "slimforge_record" in t.user_attrs
-                       else None) for t in trials}
+    return {t.number: (t.state.name, attr_value(t.user_attrs[RECORD_ATTR]) if RECORD_ATTR in t.user_attrs else None)
+            for t in trials}
 
 
 def comparable(record: dict) -> dict:

@@ -235,3 +235,47 @@ def test_bad_input_is_rejected_before_torch_is_imported():
             "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "False", result.stderr
+
+
+# --- packaging: what `pip install slimforge` users expect of a package ------------------------
+
+def test_version_flag_prints_the_installed_version(capsys):
+    from importlib import metadata
+
+    import slimforge
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"slimforge {metadata.version('slimforge')}\n"
+    assert slimforge.__version__ == metadata.version("slimforge")
+
+
+def test_python_dash_m_slimforge_runs_the_command(subprocess_env, tmp_path):
+    """`python -m slimforge` is the console script: the same version line, the same one-line
+    error and exit code 2 on bad input."""
+    import sys
+
+    version = subprocess.run([sys.executable, "-m", "slimforge", "--version"], capture_output=True, text=True,
+                             env=subprocess_env, cwd=tmp_path, timeout=120)
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith("slimforge ")
+    bad = subprocess.run([sys.executable, "-m", "slimforge", "search", "--max-size", "60 kilobytes"],
+                         capture_output=True, text=True, env=subprocess_env, cwd=tmp_path, timeout=120)
+    assert (bad.returncode, bad.stderr) == (2, f"slimforge: error: {SIZE_ERROR}\n")
+
+
+def test_the_package_is_typed_and_licensed_as_its_metadata_says():
+    """PEP 561's marker ships inside the package (package data), and the LICENSE file is the
+    license the metadata names."""
+    import tomllib
+    from importlib import metadata, resources
+
+    root = sf_testing_models.TESTS_DIR.parent
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    assert resources.files("slimforge").joinpath("py.typed").is_file()
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["slimforge"]
+    assert pyproject["project"]["license"] == "Apache-2.0" == metadata.metadata("slimforge")["License-Expression"]
+    assert "LICENSE" in metadata.metadata("slimforge").get_all("License-File")
+    text = (root / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text

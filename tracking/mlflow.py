@@ -18,6 +18,14 @@ registered again.
 
 The time spent in ``slimforge_trial_end`` is measured per trial; its mean and max go on the parent
 run (``mlflow_logging_trial_mean_s`` / ``_max_s``), into ``summary.json`` and onto stderr.
+
+Conventions a user of the MLflow UI expects: a trial's params are named by technique and knob
+(``magnitude_pruning.sparsity.fc1``, ``recovery.epochs``; ``plan.techniques`` lists them in
+order), so one knob is one column whatever the plan; the experiment is marked as classic model
+development (``mlflow.experimentKind``), not GenAI; runs carry ``mlflow.source.*`` (with the git
+commit of the working directory) and the slimforge and torch versions; Pareto members are tagged
+on their trial runs.  What MLflow itself prints while the tracker talks to it goes to
+``OUT/mlflow.log``, not the search's terminal.
 """
 
 from __future__ import annotations
@@ -30,13 +38,14 @@ import re
 import sys
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimforge.core.errors import MissingDependencyError, SlimforgeError
 from slimforge.core.files import write_json_atomic
 from slimforge.core.hookspecs import hookimpl
+from slimforge.search.reports import search_summary
 from slimforge.tracking.journal import journal_path, read_journal, write_journal
 
 try:
@@ -56,6 +65,11 @@ MAX_TAG_LENGTH = 5000
 
 KIND_TAG, SEARCH_ID_TAG, STUDY_TAG, STUDY_ID_TAG = ("slimforge.kind", "slimforge.search_id", "slimforge.study",
                                                    "slimforge.study_id")
+PARETO_TAG = "slimforge.pareto"  # on trial runs: "true" for the study's current Pareto members, else "false"
+# MLflow 3's UI opens an experiment without this tag on its GenAI pages (traces, prompts); this
+# value is the one its UI gives "custom model development" (training runs, params, metrics).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+LOG_FILE = "mlflow.log"  # in the search's output folder: what MLflow prints while the tracker uses it
 # On a parent run that did not finish: the run of the search that resumed its study after a kill,
 # or what stopped the search (Ctrl-C, an error).
 RESUMED_BY_TAG, STOPPED_BY_TAG = "slimforge.resumed_by", "slimforge.stopped_by"
@@ -100,16 +114,51 @@ def _flatten(prefix: str, value, out: dict[str, str]) -> dict[str, str]:
 
 
 def plan_params(plan: dict) -> dict[str, str]:
-    """``{"step0.technique": "magnitude_pruning", "step0.sparsity.fc1": "0.9", ...}``."""
-    params = {}
-    for index, step in enumerate(plan.get("steps", [])):
-        params[f"step{index}.technique"] = step["technique"]
-        _flatten(f"step{index}", step["config"], params)
+    """``{"plan.techniques": "magnitude_pruning,int8_ptq", "magnitude_pruning.sparsity.fc1": "0.9",
+    "recovery.epochs": "3", ...}``: each knob named by its technique, never by its position in the
+    plan, so the same knob is the same column in every run (a plan holds a technique at most once:
+    one per family)."""
+    steps = plan.get("steps", [])
+    params = {"plan.techniques": ",".join(step["technique"] for step in steps)}
+    for step in steps:
+        _flatten(step["technique"], step["config"], params)
     if "recovery" in plan:
         _flatten("recovery", plan["recovery"], params)
     if "seed" in plan:
         params["seed"] = str(plan["seed"])
     return params
+
+
+def pip_requirements() -> list[str]:
+    """What a logged pyfunc model needs, pinned to the versions that built and measured it: a
+    model served with another torch may load, but its numbers are not the ones measured."""
+    from importlib import metadata
+
+    return [f"{name}=={metadata.version(name)}" for name in ("slimforge", "torch", "numpy", "mlflow")]
+
+
+def source_tags() -> dict[str, str]:
+    """``mlflow.source.*`` as MLflow's own run context writes them, with the git commit of the
+    working directory (where a user's task code and config live), and the versions of slimforge
+    and torch.  Git fields are left out where the directory is not a git checkout."""
+    from importlib import metadata
+
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils import git_utils, mlflow_tags
+
+    tags = {k: v for k, v in resolve_tags().items() if k in (mlflow_tags.MLFLOW_USER, mlflow_tags.MLFLOW_SOURCE_TYPE)}
+    command = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    # The console script and `python -m slimforge` both show as the command; a user's script as its path.
+    tags[mlflow_tags.MLFLOW_SOURCE_NAME] = ("slimforge " + " ".join(sys.argv[1:2])).strip() if command in (
+        "slimforge", "__main__.py") else (sys.argv[0] if sys.argv and sys.argv[0] else "python")
+    cwd = os.getcwd()
+    git = {mlflow_tags.MLFLOW_GIT_COMMIT: git_utils.get_git_commit(cwd),
+           mlflow_tags.MLFLOW_GIT_BRANCH: git_utils.get_git_branch(cwd),
+           mlflow_tags.MLFLOW_GIT_REPO_URL: git_utils.get_git_repo_url(cwd)}
+    tags.update({k: v for k, v in git.items() if v})
+    tags["slimforge.version"] = metadata.version("slimforge")
+    tags["torch.version"] = metadata.version("torch")
+    return tags
 
 
 def measurement_metrics(measurements: dict | None, suffix: str = "") -> dict[str, float]:
@@ -195,8 +244,11 @@ class MlflowWriter:
     failed before) look it up too, and look for a model their trial run already logged.
     """
 
-    def __init__(self, tracking_uri: str | None = None):
+    def __init__(self, tracking_uri: str | None = None, log_file: Path | None = None):
+        """``log_file``: where what MLflow prints during an operation goes (its "Created version"
+        lines, database migrations, warnings); None leaves it on stderr."""
         self.override = tracking_uri
+        self.log_file = log_file
         self._clients: dict[str, MlflowClient] = {}
         self._experiments: dict[tuple[str, str], str] = {}
         self._parents: dict[tuple[str, str], str] = {}  # (uri, search_id) -> parent run id
@@ -215,18 +267,29 @@ class MlflowWriter:
         return self._clients[uri]
 
     def experiment_id(self, op: dict) -> str:
+        """The experiment's id, created if needed: marked as classic model development, and for a
+        sqlite store with its artifacts next to the database file (MLflow's default is
+        ``./mlruns`` in whatever directory the process runs in)."""
         key = (self.uri(op), op["experiment"])
         if key not in self._experiments:
             client = self.client(op)
             found = client.get_experiment_by_name(op["experiment"])
-            self._experiments[key] = found.experiment_id if found else client.create_experiment(op["experiment"])
+            if found is None:
+                experiment_id = client.create_experiment(op["experiment"], artifact_location=artifact_location(key[0]),
+                                                         tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            else:
+                experiment_id = found.experiment_id
+                if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older slimforge; a user's own choice stays
+                    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            self._experiments[key] = experiment_id
         return self._experiments[key]
 
     def execute(self, op: dict) -> dict:
         handler = getattr(self, f"_do_{op['op']}", None)
         if handler is None:
             raise SlimforgeError(f"unknown journal operation {op['op']!r}")
-        return handler(op)
+        with mlflow_output_to(self.log_file):
+            return handler(op)
 
     # --- helpers ---------------------------------------------------------------------------------
     @staticmethod
@@ -402,7 +465,7 @@ class MlflowWriter:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts={"slimforge_artifact": op["artifact_path"]},
                 signature=infer_signature(example, output), input_example=example,
-                pip_requirements=["slimforge", "torch", "numpy", "mlflow"],
+                pip_requirements=pip_requirements(),
             )
         finally:
             mlflow.end_run()
@@ -412,12 +475,62 @@ class MlflowWriter:
     def _do_search_end(self, op: dict) -> dict:
         client, parent = self.client(op), self._parent_run_id(op)
         self._log(client, parent, op["time_ms"], metrics=op["metrics"], tags=op["tags"])
+        if "pareto" in op:  # journals written before Pareto members were tagged have no such field
+            self._tag_pareto(op)
         for path in op["artifacts"]:
             if Path(path).exists():  # re-uploading the same name replaces it: safe to repeat
                 client.log_artifact(parent, path)
         # FINISHED; KILLED or FAILED for a search that stopped early (``slimforge_search_stopped``)
         client.set_terminated(parent, op.get("status", "FINISHED"), end_time=op["time_ms"])
         return {"run_id": parent}
+
+
+    def _tag_pareto(self, op: dict) -> None:
+        """Tag the study's Pareto members on their trial runs (``PARETO_TAG`` "true", whether and
+        why not registered) and log the test metrics of those not registered (a registered
+        member's are logged with its model); a run tagged "true" by an earlier search of the study
+        whose trial is no longer on the front becomes "false".  Setting a tag twice is harmless."""
+        client, known = self.client(op), self._study_trials(op)
+        members = {}
+        for member in op["pareto"]:
+            run_id = known.get(member["number"], (None, False))[0]
+            if run_id is not None:
+                members[run_id] = member
+                self._log(client, run_id, op["time_ms"], metrics=member["test_metrics"],
+                          tags={PARETO_TAG: "true", "registration": member["registration"]})
+        earlier = client.search_runs([self.experiment_id(op)], f"tags.`{STUDY_ID_TAG}` = '{op['study_id']}' and "
+                                     f"tags.`{KIND_TAG}` = 'trial' and tags.`{PARETO_TAG}` = 'true'", max_results=5000)
+        for run in earlier:
+            if run.info.run_id not in members:
+                client.set_tag(run.info.run_id, PARETO_TAG, "false")
+
+
+def artifact_location(uri: str) -> str | None:
+    """For a sqlite store, ``mlartifacts/`` beside the database file; None (the store's or the
+    server's default) for anything else."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+@contextmanager
+def mlflow_output_to(log_file: Path | None):
+    """Send what MLflow prints to ``log_file`` while the block runs.  MLflow writes its log
+    records and its ``eprint`` notices ("Created version '3' of model ...") to whatever
+    ``sys.stderr`` is at the time, so the block's stderr is the file; the progress bar keeps the
+    stream it was given.  Its own loggers go up to INFO there: the file is where to look."""
+    if log_file is None:
+        yield
+        return
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as handle, redirect_stderr(handle):
+        logger.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
 
 
 def _short_error(exc: BaseException) -> str:
@@ -480,6 +593,8 @@ class MlflowTracker:
         self._task = None
         self._study = self._study_id = ""
         self._warned = False
+        self._source_tags: dict[str, str] = {}
+        self._started_at = time.time()
 
     @property
     def client(self) -> MlflowClient:
@@ -517,7 +632,10 @@ class MlflowTracker:
 
         self._task, self._study = task, settings["study"]
         self._study_id = study_id(settings["study"], settings.get("storage"))
+        self._started_at = time.time()
         self.journal = journal_path(Path(settings["out_dir"]).resolve())
+        self.writer.log_file = Path(settings["out_dir"]).resolve() / LOG_FILE
+        self._source_tags = source_tags()
         self.pending = read_journal(self.journal)  # left by an earlier search in this folder
         if self.pending:
             print(f"mlflow: {len(self.pending)} operation(s) left pending by an earlier search in {self.journal}; "
@@ -525,7 +643,7 @@ class MlflowTracker:
         params = _flatten("", {k: v for k, v in settings.items() if k != "latency"}, {})
         params.update(_flatten("latency", settings["latency"], {}))
         tags = {"device.platform": platform.platform(), "device.processor": platform.processor() or platform.machine(),
-                "device.torch": torch.__version__, "device.target": settings["device"]}
+                "device.torch": torch.__version__, "device.target": settings["device"], **self._source_tags}
         self.pending.append(self._op("search_start", task=task.name, params=params, tags=tags,
                                      metrics=measurement_metrics(baseline.to_dict(), "_baseline")))
         self._flush()
@@ -535,6 +653,7 @@ class MlflowTracker:
         started = time.perf_counter()
         try:
             op = self._op("trial", trial=trial_payload(record))
+            op["trial"]["tags"].update(self._source_tags)
             self.pending.append(op)
             self._flush()
             outcome = self._outcomes.get(op["id"])
@@ -580,12 +699,19 @@ class MlflowTracker:
         counts = result.counts()
         metrics = {f"trials_{k}": v for k, v in counts.items()}
         metrics.update(mlflow_logging_trial_mean_s=cost["trial_mean_s"], mlflow_logging_trial_max_s=cost["trial_max_s"])
+        hypervolume = search_summary(result.trials, result.baseline)["hypervolume"]
+        if hypervolume is not None:
+            metrics["hypervolume"] = hypervolume
         tags = {"pareto_trials": ",".join(str(m.number) for m in result.pareto),
                 "registered_trials": ",".join(str(m.number) for m in registered)}
         if result.registration_floor:
             tags["registration_floor"] = f"{result.registration_floor['min_accuracy']:.4f} ({result.registration_floor['rule']})"
+        pareto = [{"number": m.number, "registration": "registered" if m.not_registered is None
+                   else f"not registered: {m.not_registered}"[:MAX_TAG_LENGTH],
+                   "test_metrics": {} if m.not_registered is None or m.test_measurements is None
+                   else measurement_metrics(m.test_measurements.to_dict(), "_test")} for m in result.pareto]
         self.pending.append(self._op(
-            "search_end", metrics=metrics, tags=tags,
+            "search_end", metrics=metrics, tags=tags, pareto=pareto,
             artifacts=[str(out_dir / name) for name in ("summary.json", "trials.csv", "pareto.png", "pareto.html")
                        if name != "pareto.html" or (out_dir / name).exists()]))  # the html needs plotly
         self._flush()
@@ -632,8 +758,14 @@ class MlflowTracker:
             status, reason = "FAILED", _short_error(error)
         self.pending = [op for op in self.pending
                         if not (op["search_id"] == self.search_id and op["op"] in ("register", "search_end"))]
+        # The partial report a Ctrl-C writes (``search.reports.write_partial_reports``) goes on
+        # the run too; files older than this search are another search's.
+        out_dir = self.journal.parent if self.journal is not None else None
+        partial = [str(out_dir / name) for name in ("summary.json", "trials.csv", "pareto.png")
+                   if out_dir is not None and (out_dir / name).exists()
+                   and (out_dir / name).stat().st_mtime >= self._started_at]
         self.pending.append(self._op("search_end", status=status, metrics={}, tags={STOPPED_BY_TAG: reason},
-                                     artifacts=[]))
+                                     artifacts=partial))
         self._flush()
 
     def logging_cost(self) -> dict:
@@ -669,7 +801,8 @@ def sync_pending(out_dir: str | Path, tracking_uri: str | None = None) -> SyncRe
         report.done.append((op, outcome))
         write_journal(path, ops)
 
-    replay(MlflowWriter(tracking_uri), ops, done=done, failed=lambda op: write_journal(path, ops))
+    writer = MlflowWriter(tracking_uri, log_file=Path(out_dir).resolve() / LOG_FILE)
+    replay(writer, ops, done=done, failed=lambda op: write_journal(path, ops))
     report.pending = ops
     _update_summary(Path(out_dir) / "summary.json", report)
     return report

@@ -1,9 +1,17 @@
 """Optuna backend: a multi-objective study (accuracy up, size down, latency down) in RDB storage.
 
-Budgets reach the sampler as constraints (``Trial.set_constraint``), so TPE learns where the
-feasible region is; plans rejected before training are told as PRUNED with their size violation,
-so even they teach the sampler.  Storage defaults to a sqlite file, which is what makes
-``--study NAME`` resume an interrupted search: finished trials are in the file.
+Budgets reach the sampler as constraints, so TPE learns where the feasible region is; plans
+rejected before training are told as PRUNED with their size violation, so even they teach the
+sampler.  Storage defaults to a sqlite file, which is what makes ``--study NAME`` resume an
+interrupted search: finished trials are in the file.
+
+What other Optuna tools read is stored their way: the objectives are named (``study.metric_names``:
+accuracy, size_bytes, latency_ms); constraints are the ``constraints`` system attr, one list per
+trial in the order of the study's ``constraint_names`` user attr (what ``constraints_func`` writes,
+what ``study.best_trials`` and optuna-dashboard's feasibility marks read); user attrs are plain
+JSON values (the record as an object; its state, plan and feasibility as strings and booleans),
+never JSON text inside JSON.  Studies written before this (attrs as JSON text, constraints as
+``constraints:<kind>``) are still read and resumed.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import logging
 import warnings
 
 from slimforge.core.errors import MissingDependencyError, UnknownNameError
-from slimforge.search.budgets import Budgets
+from slimforge.search.budgets import Budgets, budget_fields
 from slimforge.search.settings import SAMPLERS
 from slimforge.search.records import COMPLETE, FAILED, REJECTED, STOPPED, TrialRecord, record_from_dict
 
@@ -23,8 +31,14 @@ except ImportError as exc:  # pragma: no cover - optuna is a core dependency, bu
     raise MissingDependencyError("optuna", "the Optuna search backend") from exc
 
 DIRECTIONS = ("maximize", "minimize", "minimize")  # accuracy, size_bytes, latency_ms
+METRIC_NAMES = ("accuracy", "size_bytes", "latency_ms")  # the TrialRecord fields the values are
 RECORD_ATTR = "slimforge_record"
 PLAN_ATTR = "slimforge_plan"
+# Optuna's key for a trial's constraint list (optuna.study._constrained_optimization._CONSTRAINTS_KEY,
+# the one ``constraints_func`` writes).  Optuna 5's ``Trial.set_constraint`` writes one
+# ``constraints:<name>`` key per constraint instead, which optuna-dashboard does not read.
+CONSTRAINTS_ATTR = "constraints"
+CONSTRAINT_NAMES_ATTR = "constraint_names"  # study user attr: what each position of the list limits
 INTERRUPTED = "interrupted (the search was stopped while this trial ran)"
 
 
@@ -68,6 +82,11 @@ class OptunaBackend:
 
         self.study = optuna.create_study(storage=study_storage(storage), study_name=study_name, directions=list(DIRECTIONS),
                                          sampler=sampler(seed), load_if_exists=True)
+        if self.study.metric_names is None:  # also names the objectives of a study made before they were named
+            self.study.set_metric_names(list(METRIC_NAMES))
+        # Budgets with a limit, in declaration order: position i of every trial's constraint list.
+        self.constraint_names = [meta["kind"] for f, meta in budget_fields()
+                                 if meta["kind"] and getattr(budgets, f.name) is not None]
         recorded = len(self.study.get_trials(deepcopy=False))
         if recorded:
             # A seeded sampler restarts its random stream in every process, so a resumed study
@@ -98,12 +117,12 @@ class OptunaBackend:
         for frozen in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             trial = optuna.Trial(self.study, frozen._trial_id)
             if RECORD_ATTR in frozen.user_attrs:
-                record = record_from_dict(json.loads(frozen.user_attrs[RECORD_ATTR]))
+                record = record_from_dict(attr_value(frozen.user_attrs[RECORD_ATTR]))
                 note = "recovered on resume: measured before the search was stopped"
                 if record.state != FAILED and note not in record.notes:
                     record.notes.append(note)
             else:
-                plan = json.loads(frozen.user_attrs.get(PLAN_ATTR, "{}"))
+                plan = attr_value(frozen.user_attrs.get(PLAN_ATTR, {}))
                 record = TrialRecord(number=frozen.number, state=FAILED, plan=plan.get("plan", {}),
                                      plan_text=plan.get("text", "(unknown: interrupted)"),
                                      failure_reason=INTERRUPTED)
@@ -112,20 +131,21 @@ class OptunaBackend:
 
     def started(self, trial, plan: dict, plan_text: str) -> None:
         """Keep the plan with the running trial, so a kill leaves a record of what ran."""
-        self.study._storage.set_trial_user_attr(trial._trial_id, PLAN_ATTR,
-                                                json.dumps({"plan": plan, "text": plan_text}))
+        storage = self.study._storage
+        storage.set_trial_user_attr(trial._trial_id, PLAN_ATTR, {"plan": plan, "text": plan_text})
+        storage.set_trial_user_attr(trial._trial_id, "plan", plan_text)  # a readable column in optuna-dashboard
 
     def save_pending(self, trial, record: TrialRecord) -> None:
         """Store the measured record before trackers run: a kill between here and ``tell``
         loses nothing (``interrupted`` returns it on resume)."""
-        self.study._storage.set_trial_user_attr(trial._trial_id, RECORD_ATTR, json.dumps(record.to_dict()))
+        self.study._storage.set_trial_user_attr(trial._trial_id, RECORD_ATTR, record.to_dict())
 
     def finished_count(self) -> int:
         return len(self.study.get_trials(deepcopy=False))
 
     def records(self) -> list[dict]:
         """Every recorded trial of the study (including earlier runs of a resumed study)."""
-        return [json.loads(t.user_attrs[RECORD_ATTR]) for t in self.study.get_trials(deepcopy=False)
+        return [attr_value(t.user_attrs[RECORD_ATTR]) for t in self.study.get_trials(deepcopy=False)
                 if RECORD_ATTR in t.user_attrs]
 
     def ask(self):
@@ -136,15 +156,19 @@ class OptunaBackend:
         complete trial, the size violation for a rejected one (PRUNED), PRUNED for one a
         scheduler stopped, FAIL otherwise."""
         storage, trial_id = self.study._storage, trial._trial_id
-        storage.set_trial_user_attr(trial_id, RECORD_ATTR, json.dumps(record.to_dict()))
+        storage.set_trial_user_attr(trial_id, RECORD_ATTR, record.to_dict())
+        storage.set_trial_user_attr(trial_id, "state", record.state)
         # The validation score after each recovery epoch, as Optuna's intermediate values (step =
         # epoch), so the dashboard draws learning curves.  ``Trial.report`` refuses multi-objective
         # studies; the storage call it would make does not.
         for epoch, score in enumerate(record.epoch_scores, start=1):
             storage.set_trial_intermediate_value(trial_id, epoch, score)
+        if record.state in (COMPLETE, REJECTED) and self.constraint_names:
+            if self.study.user_attrs.get(CONSTRAINT_NAMES_ATTR) != self.constraint_names:
+                self.study.set_user_attr(CONSTRAINT_NAMES_ATTR, self.constraint_names)
+            storage.set_trial_system_attr(trial_id, CONSTRAINTS_ATTR, self.constraints(record))
         if record.state in (COMPLETE, REJECTED):
-            for key, value in self.budgets.normalized(record.violations).items():
-                trial.set_constraint(key, value)
+            storage.set_trial_user_attr(trial_id, "feasible", record.feasible)
         if record.state == COMPLETE:
             m = record.measurements
             self.study.tell(trial, [m.accuracy, m.size_bytes, m.latency_ms])
@@ -155,3 +179,15 @@ class OptunaBackend:
         else:
             storage.set_trial_user_attr(trial_id, "failure_reason", record.failure_reason or "unknown")
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    def constraints(self, record: TrialRecord) -> list[float]:
+        """The trial's violations relative to their limits, in ``constraint_names`` order.  A
+        budget not measured yet (a plan rejected on its size has no accuracy) is 0.0: nothing
+        says it is violated, and the size alone already makes the trial infeasible."""
+        normalized = self.budgets.normalized(record.violations)
+        return [float(normalized.get(name, 0.0)) for name in self.constraint_names]
+
+
+def attr_value(value):
+    """A user attr as stored: a plain JSON value, or (studies written before) JSON text."""
+    return json.loads(value) if isinstance(value, str) else value

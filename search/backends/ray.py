@@ -14,7 +14,7 @@ How it maps onto Ray (checked against Ray 2.60's ``ray.tune.search.optuna.Optuna
   multi-objective studies, but has no way to pass constraints: its ``on_trial_complete`` only
   calls ``study.tell(values)``.  We override ``on_trial_complete`` to tell the trial through
   ``OptunaBackend.tell``: the record is stored on the trial and the budget violations reach TPE
-  through ``Trial.set_constraint`` exactly as with the Optuna backend.  Nothing is folded into the
+  as the trial's constraints exactly as with the Optuna backend.  Nothing is folded into the
   objective values.
 - **Cluster.**  ``--ray-address auto`` (or ``host:6379``) from a node of the cluster.  Ray Client
   (``ray://``) is refused: through it Tune runs the search loop on the head node, away from this
