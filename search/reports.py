@@ -62,26 +62,37 @@ def write_trials_csv(result: SearchResult, path: Path) -> Path:
     return path
 
 
+PARETO_UNTRACKED = "Pareto, at or above the floor (tracking off: not registered)"
+
+
 def plot_groups(result: SearchResult) -> list[tuple[str, list[TrialRecord]]]:
-    """The plot's legend: every complete trial in exactly one group, Pareto members split by
-    whether they are (or, with tracking on, will be at the end of the search) registered."""
+    """The plot's legend: every complete trial in exactly one group.  Pareto members are split by
+    whether they are (or, with tracking on, will be at the end of the search) registered; trials
+    under the registration floor are never on the front (``pareto_front``) and get their own group,
+    so a collapsed model is not drawn as a dominated one."""
     complete = [r for r in result.trials if r.state == COMPLETE and r.measurements]
     on_front = {m.number: m for m in result.pareto}
+    floor = (result.registration_floor or {}).get("min_accuracy")
     tracked = result.settings.get("tracking", True)
     members = [on_front[r.number] for r in complete if r.number in on_front]
+    off_front = [r for r in complete if r.number not in on_front]
+    below = [r for r in off_front if floor is not None and r.measurements.accuracy < floor - 1e-9]
     groups = [
-        ("Pareto, registered" if tracked else "Pareto, at or above the floor (tracking off: not registered)",
-         [m for m in members if not m.not_registered]),
+        ("Pareto, registered" if tracked else PARETO_UNTRACKED, [m for m in members if not m.not_registered]),
         ("Pareto, below the registration floor", [m for m in members if m.not_registered]),
-        ("dominated (feasible)", [r for r in complete if r.feasible and r.number not in on_front]),
-        ("infeasible", [r for r in complete if not r.feasible and r.number not in on_front]),
+        ("below the registration floor (off the front)", below),
+        ("dominated (feasible)", [r for r in off_front if r.feasible and r not in below]),
+        ("infeasible", [r for r in off_front if not r.feasible and r not in below]),
     ]
     return [(label, records) for label, records in groups if records]
 
 
 _MPL_STYLES = {"Pareto, registered": dict(marker="*", s=170, color="tab:red", zorder=4),
+               PARETO_UNTRACKED: dict(marker="*", s=170, color="tab:red", zorder=4),
                "Pareto, below the registration floor": dict(marker="*", s=170, facecolors="none", edgecolors="tab:red",
                                                             zorder=4),
+               "below the registration floor (off the front)": dict(marker="v", s=28, facecolors="none",
+                                                                    edgecolors="tab:red"),
                "dominated (feasible)": dict(s=28, color="tab:blue"),
                "infeasible": dict(s=28, facecolors="none", edgecolors="tab:gray")}
 _PANELS = (("size_bytes", 1e-3, "artifact size (KB, log scale)", "max_size_bytes"),
@@ -149,6 +160,8 @@ def write_pareto_plot(result: SearchResult, path: Path) -> Path:
 
 _PLOTLY_STYLES = {"Pareto, registered": dict(symbol="star", size=14, color="#d62728"),
                   "Pareto, below the registration floor": dict(symbol="star-open", size=14, color="#d62728"),
+                  "below the registration floor (off the front)": dict(symbol="triangle-down-open", size=8,
+                                                                       color="#d62728"),
                   "dominated (feasible)": dict(symbol="circle", size=7, color="#1f77b4"),
                   "infeasible": dict(symbol="circle-open", size=7, color="#7f7f7f")}
 

@@ -6,7 +6,6 @@ uninstall runs, end to end: tests/test_kill_resume.py."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from slimforge.core.errors import ConfigError
 from slimforge.core.manager import Plugins
 from slimforge.core.measure import Measurements
 from slimforge.search import study as study_module
-from slimforge.search.backends.optuna import INTERRUPTED, RECORD_ATTR, OptunaBackend
+from slimforge.search.backends.optuna import INTERRUPTED, RECORD_ATTR, OptunaBackend, attr_value
 from slimforge.search.budgets import Budgets
 from slimforge.search.loop import InProcess, SearchContext, TrialLoop
 from slimforge.search.settings import SearchSettings
@@ -61,7 +60,7 @@ def test_a_second_process_leaves_a_live_owners_trial_and_closes_a_dead_ones(back
     reused_pid = claimed(backend, study_module.owner_record() | {"started": "0"})  # this pid, another start time
     close_interrupted(backend, Plugins(load_entry_points=False))
     assert states(backend) == {live.number: "RUNNING", dead.number: "FAIL", reused_pid.number: "FAIL"}
-    record = json.loads(backend.study.get_trials()[dead.number].user_attrs[RECORD_ATTR])
+    record = attr_value(backend.study.get_trials()[dead.number].user_attrs[RECORD_ATTR])
     assert record["failure_reason"] == INTERRUPTED
     err = capsys.readouterr().err
     assert f"trial(s) {live.number} still running in {study_module.this_process()}; this search joins them" in err
@@ -117,5 +116,5 @@ def test_a_crash_while_a_trial_is_asked_leaves_it_failed_not_running(backend):
         TrialLoop(ctx).run(InProcess(None))
     (trial,) = backend.study.get_trials()
     assert trial.state == optuna.trial.TrialState.FAIL
-    assert json.loads(trial.user_attrs[RECORD_ATTR])["failure_reason"] == (
+    assert attr_value(trial.user_attrs[RECORD_ATTR])["failure_reason"] == (
         "could not sample a plan: ValueError: CategoricalDistribution does not support dynamic value space.")

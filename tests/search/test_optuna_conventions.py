@@ -6,6 +6,7 @@ as plain JSON values; and a study written the old way (attrs as JSON text, const
 from __future__ import annotations
 
 import json
+import time
 
 import optuna
 
@@ -71,9 +72,11 @@ def test_metric_names_and_plain_attrs(tmp_path):
     assert study.trials[1].user_attrs["failure_reason"] == "boom"
 
 
-def test_a_study_written_the_old_way_reads_and_resumes(tmp_path):
+def test_a_study_written_the_old_way_reads_and_resumes(tmp_path, monkeypatch):
     """Before: the record and plan as JSON text, constraints through ``Trial.set_constraint``, no
-    metric names; one trial finished and one left RUNNING by a kill."""
+    metric names; one trial finished and one left RUNNING by a kill.  An old trial has no owner
+    and no heartbeat, so a resume closes it once the grace period has passed (here: 1 s)."""
+    monkeypatch.setattr("slimforge.search.study.GRACE_S", 1)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(storage=storage, study_name="s", directions=["maximize", "minimize", "minimize"])
     done = study.ask()
@@ -83,6 +86,7 @@ def test_a_study_written_the_old_way_reads_and_resumes(tmp_path):
     study.tell(done, [0.95, 9_000, 1.0])
     running = study.ask()
     running.set_user_attr(PLAN_ATTR, json.dumps({"plan": {"steps": []}, "text": "old plan"}))
+    time.sleep(1.2)  # past the grace period: the killed process's trial is stale
 
     backend = _backend(tmp_path)
     assert backend.records()[0]["measurements"]["size_bytes"] == 9_000

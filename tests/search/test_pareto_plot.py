@@ -24,7 +24,8 @@ def _result(tracking=True):
               _record(1, 0.60, 5_000, 0.20, not_registered="below the floor"),  # front, below the floor
               _record(2, 0.90, 60_000, 0.40),                                   # dominated by 0
               _record(3, 0.99, 900_000, 0.50, feasible=False),                  # breaks the size budget
-              _record(4, 0, 0, 0, state=FAILED)]
+              _record(4, 0, 0, 0, state=FAILED),
+              _record(5, 0.30, 2_000, 0.20)]                                     # collapsed: off the front
     return SearchResult(study_name="s", task="t", budgets={"max_size_bytes": 100_000, "min_accuracy": 0.5},
                         baseline=Measurements(0.98, 1_000_000, 0.4), baseline_test=Measurements(0.97, 1_000_000, 0.4),
                         trials=trials, pareto=[trials[0], trials[1]], settings={"tracking": tracking},
@@ -34,7 +35,8 @@ def _result(tracking=True):
 def test_groups_put_every_complete_trial_in_exactly_one_legend_entry():
     groups = {label: [r.number for r in records] for label, records in reports.plot_groups(_result())}
     assert groups == {"Pareto, registered": [0], "Pareto, below the registration floor": [1],
-                      "dominated (feasible)": [2], "infeasible": [3]}
+                      "below the registration floor (off the front)": [5], "dominated (feasible)": [2],
+                      "infeasible": [3]}
     untracked = [label for label, _ in reports.plot_groups(_result(tracking=False))]
     assert untracked[0] == "Pareto, at or above the floor (tracking off: not registered)"
 
@@ -48,8 +50,8 @@ def test_png_legend_names_the_groups_floor_and_budgets(tmp_path, monkeypatch):
                         lambda self, handles, labels, **kw: legends.append(list(labels)) or real(self, handles, labels, **kw))
     reports.write_pareto_plot(_result(), tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert legends == [["Pareto, registered", "Pareto, below the registration floor", "dominated (feasible)",
-                        "infeasible", "uncompressed", "size budget", "accuracy budget", "registration floor"]]
+    assert legends == [["Pareto, registered", "Pareto, below the registration floor",
+                        "below the registration floor (off the front)", "dominated (feasible)", "infeasible", "uncompressed", "size budget", "accuracy budget", "registration floor"]]
 
 
 def test_html_holds_the_same_groups_with_hover_text(tmp_path):

@@ -8,6 +8,7 @@ from slimforge.app.api import SearchSettings, run_search
 from slimforge.core.manager import Plugins
 from slimforge.core.measure import LatencySettings
 from slimforge.core.planner import Planner
+from slimforge.search.backends.optuna import attr_value
 from slimforge.search.budgets import Budgets
 from slimforge.search.seeds import SEED_ATTR, expert_plans, seed_params
 
@@ -51,6 +52,6 @@ def test_a_new_study_runs_its_seeds_first_and_says_so(tiny_task, tmp_path):
     trial = study.trials[first.number]
     assert trial.user_attrs[SEED_ATTR].startswith("pruning > 5-bit")
     # Intermediate values: the validation score after each recovery epoch, for the dashboard.
-    record = json.loads(trial.user_attrs["slimforge_record"])
+    record = attr_value(trial.user_attrs["slimforge_record"])
     assert record["epoch_scores"] and trial.intermediate_values == dict(enumerate(record["epoch_scores"], start=1))
     assert "expert_seeds" in json.dumps(result.settings)
