@@ -69,7 +69,10 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
     budgets = budgets.resolve(baseline.accuracy)
     log(f"baseline (uncompressed): {task.metric_name} {baseline.accuracy:.4f} val / {baseline_test.accuracy:.4f} test, "
         f"{baseline.size_bytes / 1000:.1f} KB, {baseline.latency_ms:.3f} ms; budgets: {budgets.describe()}")
-    spec = WorkerSpec.for_search(task.source, budgets, artifact_dir, settings)
+    floor = registration_floor(baseline.accuracy, min_accuracy=settings.register_min_accuracy,
+                               max_accuracy_drop=settings.register_max_accuracy_drop,
+                               budget_min_accuracy=budgets.min_accuracy)
+    spec = WorkerSpec.for_search(task.source, budgets, artifact_dir, settings, front_floor=floor.min_accuracy)
     runner = spec.build_runner(task=task, plugins=plugins)
 
     trackers = plugins.search_trackers(settings.to_dict())
@@ -98,9 +101,6 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         records = [record_from_dict(r) for r in backend.records()]
         if trackers:
             _adopt_untracked(records, plugins)
-        floor = registration_floor(baseline.accuracy, min_accuracy=settings.register_min_accuracy,
-                                   max_accuracy_drop=settings.register_max_accuracy_drop,
-                                   budget_min_accuracy=budgets.min_accuracy)
         pareto = pareto_front(records, min_accuracy=floor.min_accuracy)
         for member in pareto:  # the only place the test split is used
             member.test_measurements = runner.measure(member.artifact_path, "test")

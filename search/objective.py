@@ -86,6 +86,9 @@ class TrialRunner:
     # Rebuilding a recorded trial (`slimforge reproduce`): train exactly this many epochs, the
     # number the original trial trained before it finished or was stopped early.
     replay_epochs: int | None = None
+    # The search's registration floor (``search.pareto``): without an accuracy budget, early
+    # stopping projects against it, since a trial under it can never be on the front.
+    front_floor: float | None = None
     # Told what a trial is doing, ``progress(number, phase, epoch=, epochs=, score=)``, for the
     # terminal's live line (``loop.Progress.phase``); None: nobody listens.
     progress: Callable[..., None] | None = None
@@ -236,10 +239,12 @@ class TrialRunner:
         history = [log.score_before, *log.scores] if log.score_before is not None else log.scores
         gains = [b - a for a, b in zip(history, history[1:])]
         projected = log.scores[-1] + epochs_left * max([MIN_EPOCH_GAIN, *gains])
-        floor = self.budgets.min_accuracy
+        floor, what = self.budgets.min_accuracy, "min accuracy"
+        if floor is None and self.front_floor is not None:
+            floor, what = self.front_floor, "the registration floor (never on the front)"
         if floor is not None and projected < floor - 1e-6:  # a tie in float noise is not a miss
             return (f"stopped after epoch {len(log.scores)}: validation {log.scores[-1]:.4f}, optimistic final "
-                    f"{projected:.4f} < min accuracy {floor:.4f}")
+                    f"{projected:.4f} < {what} {floor:.4f}")
         return self._halving(log, size_estimate)
 
     def _halving(self, log: RecoveryLog, size_estimate: int | None) -> str | None:

@@ -47,6 +47,9 @@ class WorkerSpec:
     disabled_plugins: tuple[str, ...] = ()
     latency_lock: str | None = None
     torch_threads: int | None = None  # None: torch's default (trials in the search's own process)
+    # The registration floor: a trial that cannot reach it can never be on the front, so early
+    # stopping treats it like an accuracy budget when the search has none (objective.early_stop).
+    front_floor: float | None = None
 
     @classmethod
     def for_search(cls, task_source: dict[str, Any], budgets: Budgets, artifact_dir: Path | str, settings,
@@ -76,7 +79,7 @@ class WorkerSpec:
         runner = (runner_class or TrialRunner)(
             task=task, plugins=plugins, budgets=Budgets(**self.budgets), artifact_dir=Path(self.artifact_dir),
             device=self.device, latency=LatencySettings(**self.latency),
-            latency_lock=Path(self.latency_lock) if self.latency_lock else None)
+            latency_lock=Path(self.latency_lock) if self.latency_lock else None, front_floor=self.front_floor)
         runner.artifact_dir.mkdir(parents=True, exist_ok=True)
         return runner
 

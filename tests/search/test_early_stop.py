@@ -64,3 +64,12 @@ def test_early_stop_is_recorded_and_saves_training_time(tmp_path):
     assert record.stopped_early and "min accuracy" in record.stopped_early
     assert 1 <= len(record.epoch_scores) < 6  # fewer epochs than planned were paid for
     assert record.measurements is not None and not record.feasible  # still measured and recorded honestly
+
+
+def test_without_an_accuracy_budget_the_registration_floor_stops_hopeless_trials(tmp_path):
+    r = runner(tmp_path, Budgets())
+    log = RecoveryLog(score_before=0.09, scores=[0.10])  # a collapsed model gaining nothing
+    assert r.early_stop(log, epochs_left=5, size_estimate=None) is None  # no floor known: it goes on
+    r.front_floor = 0.88
+    reason = r.early_stop(log, epochs_left=5, size_estimate=None)
+    assert reason is not None and "the registration floor (never on the front) 0.8800" in reason
