@@ -146,10 +146,12 @@ def expert_plans(dense_bytes: int, budgets: Budgets) -> list[Seed]:
 
 def seed_params(planner: Planner, task, dense_bytes: int, budgets: Budgets, limit: int) -> list[tuple[str, dict]]:
     """``(label, params)`` of the seeds this planner can build, at most ``limit`` of them."""
-    out = []
+    out, enabled = [], {technique.name for technique in planner.techniques}
     for seed in expert_plans(dense_bytes, budgets):
         if len(out) >= limit:
             break
+        if not set(seed.techniques) <= enabled:
+            continue  # never plan it: a technique's suggest may have side effects (or cost: sensitivity)
         space = SeedSuggester(seed)
         try:
             plan = planner.sample(space, task, seed=0)
