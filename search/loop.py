@@ -179,24 +179,19 @@ class TrialLoop:
                 for started, record, failure in executor.poll():
                     self.finish(started, record, failure)
                     running.pop(started.number, None)  # after finish: a Ctrl-C inside it still closes the trial
-        except KeyboardInterrupt:
-            self.close_interrupted(running)
-            raise
-        except BaseException:  # a crash: this process's trials end here, none stays RUNNING
-            from slimforge.search.backends.optuna import INTERRUPTED
-
-            for started in running.values():
-                try:
-                    self.finish(started, None, INTERRUPTED)
-                except Exception:  # the storage itself may be what failed; a resume closes it then
-                    pass
+        except BaseException:  # Ctrl-C or a crash: this process's trials end here, none stays RUNNING
+            try:
+                # Also the trial claimed but not yet started (a trial-start hook that raised).
+                self.close_interrupted(running)
+            except Exception:  # the storage itself may be what failed; a resume closes it then
+                pass
             raise
         finally:
             self.close()
             executor.close()
 
     def close_interrupted(self, running: dict[int, StartedTrial]) -> None:
-        """After Ctrl-C: close every trial this process still holds RUNNING (those it was
+        """After Ctrl-C or a crash: close every trial this process still holds RUNNING (those it was
         running, and one it had claimed but not yet started) the way a resume would
         (``OptunaBackend.interrupted``), at once, through the trackers."""
         import optuna
