@@ -136,7 +136,7 @@ def test_search_then_evaluate_in_a_fresh_process_without_the_folder(bert_config,
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = main(["search", "--config", str(bert_config), "--trials", "3", "--seed", "2", "--out",
+        code = main(["search", "--config", str(bert_config), "--trials", "3", "--seed", "0", "--out",
                      str(tmp_path / "out"), "--techniques", "magnitude_pruning,knowledge_distillation", "--no-tracking",
                      "--no-progress"])
     finally:
