@@ -250,7 +250,14 @@ def format_result(result, width: int | None = None) -> str:
     if not result.pareto:
         from slimforge.search.feasibility import closest_for, describe
 
-        return "\n".join(lines + describe(closest_for(result)))
+        closest = closest_for(result)
+        if closest is None:  # feasible trials exist, but all of them are under the registration floor
+            floor = result.registration_floor or {}
+            return "\n".join(lines + [
+                f"no Pareto front: all {s['feasible']} feasible trial(s) are below the registration floor "
+                f"{floor.get('min_accuracy', float('nan')):.4f} ({floor.get('rule', '')}); they are in summary.json. "
+                "Lower it with --register-min-accuracy or --register-max-accuracy-drop, or run more trials"])
+        return "\n".join(lines + describe(closest))
     header = f"{'trial':>5}  {'acc val':>7}  {'acc test':>8}  {'KB':>8}  {'ratio':>6}  {'ms':>7}  {'version':>7}  plan"
     lines += ["Pareto front (feasible, validation-selected):", header, "-" * len(header)]
     cut = False

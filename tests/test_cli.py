@@ -279,3 +279,17 @@ def test_the_package_is_typed_and_licensed_as_its_metadata_says():
     assert "LICENSE" in metadata.metadata("slimforge").get_all("License-File")
     text = (root / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+
+
+def test_a_search_whose_feasible_trials_are_all_under_the_floor_says_so():
+    from slimforge.app.cli import format_result
+    from slimforge.core.measure import Measurements
+    from slimforge.search.records import COMPLETE, SearchResult, TrialRecord
+
+    collapsed = TrialRecord(number=0, state=COMPLETE, plan={}, plan_text="p", feasible=True,
+                            measurements=Measurements(accuracy=0.1, size_bytes=10, latency_ms=0.1))
+    base = Measurements(accuracy=0.9, size_bytes=1000, latency_ms=0.1)
+    result = SearchResult(study_name="s", task="t", budgets={}, baseline=base, baseline_test=base, trials=[collapsed],
+                          pareto=[], registration_floor={"min_accuracy": 0.8, "rule": "baseline 0.9000 - 10 pt"})
+    text = format_result(result)
+    assert "no Pareto front: all 1 feasible trial(s) are below the registration floor 0.8000" in text
