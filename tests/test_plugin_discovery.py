@@ -350,7 +350,8 @@ def test_the_example_plugin_installs_searches_and_uninstalls(example_package, tm
     assert ["weight_only_quant", "bias_correction"] in plans, plans
     assert all(plan.index("bias_correction") == len(plan) - 1 for plan in plans if "bias_correction" in plan)
     notes = trials[plans.index(["weight_only_quant", "bias_correction"])]["notes"]
-    assert any(re.fullmatch(r"bias_correction: corrected 3 layer\(s\); largest channel shift 0\.0\d+ in '\w+'", note)
+    # The shift's size depends on the bit widths the sampler drew (global knobs: down to 2 bits).
+    assert any(re.fullmatch(r"bias_correction: corrected 3 layer\(s\); largest channel shift \d+\.\d+ in '\w+'", note)
                for note in notes), notes
 
     proc = _pip("uninstall", "-y", EXAMPLE_DIST)
