@@ -186,7 +186,8 @@ def test_two_searches_of_one_study_lose_nothing_and_record_each_trial_once(subpr
     assert [t["number"] for t in summary["trials"]] == list(range(trials))
     check_one_mlflow_run_per_trial(f"sqlite:///{tmp_path / 'mlflow.db'}", summary, trials)
     check_only_recorded_artifacts_left(tmp_path, summary)
-    check_artifacts_and_registry(tmp_path, summary, f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny-compressed")
+    check_artifacts_and_registry(tmp_path, summary, f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny-compressed",
+                                 concurrent=True)
 
 
 def test_a_resume_after_the_installed_techniques_changed_never_crashes(subprocess_env, slimforge_cmd, tmp_path):
