@@ -114,7 +114,7 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
         plugins.search_end(result)
     except BaseException as exc:  # Ctrl-C included: the tracker ends its parent run KILLED, not RUNNING forever
         if search_started and isinstance(exc, KeyboardInterrupt) and not reported:  # else the whole report is there
-            _write_partial(backend, ctx, task, budgets, settings, baseline, baseline_test)
+            _write_partial(backend, ctx, task, budgets, settings, baseline, baseline_test, floor)
         if search_started:
             plugins.search_stopped(exc)
         raise
@@ -145,11 +145,12 @@ def _enqueue_expert_seeds(backend, planner: Planner, task: Task, baseline: Measu
 
 
 def _write_partial(backend, ctx, task: Task, budgets: Budgets, settings: SearchSettings, baseline: Measurements,
-                   baseline_test: Measurements) -> None:
+                   baseline_test: Measurements, floor) -> None:
     """Ctrl-C: the reports of the trials recorded so far, before the trackers end the search."""
     records = [record_from_dict(r) for r in backend.records()]
     result = SearchResult(study_name=settings.study, task=task.name, budgets=budgets.to_dict(), baseline=baseline,
-                          baseline_test=baseline_test, trials=records, pareto=pareto_front(records),
+                          baseline_test=baseline_test, trials=records, pareto=pareto_front(records, min_accuracy=floor.min_accuracy),
+                          registration_floor=floor.to_dict(),
                           settings=settings.to_dict(), metric=task.metric_name,
                           loop_seconds=ctx.loop_seconds if ctx else {})
     try:
