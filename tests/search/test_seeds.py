@@ -32,11 +32,24 @@ def test_seed_params_are_the_names_the_planner_asks(tiny_task):
     planner = Planner(Plugins(load_entry_points=False).registry, ("magnitude_pruning", "kmeans_clustering"))
     seeds = seed_params(planner, tiny_task, 100_000, Budgets(), limit=10)
     labels = [label for label, _ in seeds]
-    assert labels == ["Deep Compression (prune > retrain > 5-bit k-means > fine-tune)",
-                      "Deep Compression at 4 bits, sparser"]  # the others need techniques not enabled
-    params = dict(seeds)[labels[0]]
+    assert labels == ["Deep Compression at 4 bits, sparser",
+                      "Deep Compression (prune > retrain > 5-bit k-means > fine-tune)"]  # the others need techniques not enabled
+    params = dict(seeds)[labels[1]]
     assert params["use.pruning"] == "magnitude_pruning" and params["use.sharing"] == "kmeans_clustering"
     assert params["magnitude_pruning.density"] == 0.08 and params["recovery.before_sharing_epochs"] == 6
+    # Without knowledge distillation in the search, the 4-bit seed goes on without it ...
+    assert not any(name.startswith("knowledge_distillation.") for name in dict(seeds)[labels[0]])
+
+
+def test_seeds_distill_where_the_search_can(tiny_task):
+    planner = Planner(Plugins(load_entry_points=False).registry,
+                      ("magnitude_pruning", "kmeans_clustering", "knowledge_distillation", "parameter_distillation"))
+    seeds = dict(seed_params(planner, tiny_task, 100_000, Budgets(max_size_bytes=600), limit=10))
+    sparser = seeds["Deep Compression at 4 bits, sparser"]
+    assert sparser["knowledge_distillation.alpha"] == 0.7 and sparser["magnitude_pruning.allocation"] == 1.0
+    # ... and a budget of 1/166 of the teacher brings in Deep Compression on a distilled student.
+    student = seeds["distilled student > pruning > 3-bit k-means"]
+    assert student["parameter_distillation.width"] == 0.45 and student["kmeans_clustering.bits"] == 3.0
 
 
 def test_a_new_study_runs_its_seeds_first_and_says_so(tiny_task, tmp_path):
