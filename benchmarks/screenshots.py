@@ -152,11 +152,12 @@ def main() -> int:
         experiment = f"{mlflow_url}/#/experiments/{experiment_id}"
         shots = [  # (file, url, text that shows the page has its data, what to do before the picture)
             ("mlflow-runs-filtered.png", f"{experiment}/runs?searchFilter={quote(search_filter)}", "matching runs",
-             [close_assistant, expand_parent(parent.info.run_name)]),
+             [close_assistant, model_training_view, expand_parent(parent.info.run_name)]),
             ("mlflow-parent-artifacts.png", f"{experiment}/runs/{parent.info.run_id}/artifacts", "pareto.png",
              [close_assistant, lambda page: page.get_by_text("pareto.png").first.click()]),
             ("optuna-dashboard.png", f"{optuna_url}/dashboard/studies/{sid}", "Pareto Front", []),
             ("optuna-trials.png", f"{optuna_url}/dashboard/studies/{sid}/trials", "Trial 0", []),
+            ("optuna-infeasible.png", f"{optuna_url}/dashboard/studies/{sid}", "Pareto Front", [show_history]),
         ]
         for name, url, ready, actions in shots:
             page.goto(url, wait_until="load")
@@ -177,10 +178,30 @@ def main() -> int:
     return 0
 
 
+def show_history(page) -> None:
+    """Scroll the study page to its History plot, which draws the trials that broke a budget (the
+    ``constraints`` system attr) as "Infeasible Trial" markers in their own legend entry."""
+    page.get_by_text("History").first.scroll_into_view_if_needed()
+    page.mouse.wheel(0, 350)
+
+
+def model_training_view(page) -> None:
+    """MLflow 3's sidebar switch (GenAI / Model training) is a per-browser setting that defaults to
+    GenAI and is not synced with the experiment's ``mlflow.experimentKind`` tag (mlflow/mlflow
+    #24498); a fresh headless browser shows GenAI chrome even for our classic-ML experiment.
+    Click it over to Model training, as a user would once."""
+    page.get_by_text("Model training", exact=True).first.click(timeout=5000)
+
+
 def close_assistant(page) -> None:
     """MLflow 3.x opens its chat assistant beside every page, over a third of the table: click
     the last button on its header row (its close button has no label to find it by)."""
-    header = page.get_by_text("MLflow Assistant").first.bounding_box()
+    title = page.get_by_text("MLflow Assistant").first
+    try:  # it slides in a few seconds after the page
+        title.wait_for(timeout=8000)
+    except Exception:  # noqa: BLE001 - playwright's TimeoutError: no assistant on this version or page
+        return
+    header = title.bounding_box()
     if header is None:
         return
     middle = header["y"] + header["height"] / 2

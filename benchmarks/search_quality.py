@@ -75,6 +75,7 @@ def main() -> None:
     print("| config | seed | trials | complete | stopped early | rejected | feasible | best ratio | val | test "
           "| hypervolume | wall s | CPU s | smallest feasible plan |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    # "smallest feasible plan" starts with the expert seed's name when that trial was one
     for seed in (int(s) for s in args.seeds.split(",")):
         for config in args.configs.split(","):
             budgets = Budgets(max_size_bytes=args.max_size, max_accuracy_drop=args.max_drop)
@@ -83,7 +84,7 @@ def main() -> None:
             print(f"| {config} | {seed} | {row['trials']} | {row['complete']} | {row['stopped']} | {row['rejected']} | "
                   f"{row['feasible']} | {fmt(row['ratio'], '.1f')}x | {fmt(row['val'], '.4f')} | "
                   f"{fmt(row['test'], '.4f')} | {row['hv']:.4f} | {row['wall']:.0f} | {row['cpu']:.0f} | "
-                  f"{row['best_plan'][:160]} |", flush=True)
+                  f"{row['best_from'] + row['best_plan'][:160]} |", flush=True)
     print()
     print("| config | mean hypervolume (spread) | mean best ratio | searches >= 50x | stopped early / complete |")
     print("|---|---|---:|---:|---:|")
@@ -119,7 +120,8 @@ def one_search_with(task, config: str, seed: int, budgets: Budgets, args) -> dic
         "ratio": dense / best.measurements.size_bytes if best else None,
         "val": best.measurements.accuracy if best else None,
         "test": member.test_measurements.accuracy if member is not None and member.test_measurements else None,
-        "best_plan": best.plan_text if best else "-", "hv": search_summary(result.trials, result.baseline)["hypervolume"],
+        "best_plan": best.plan_text if best else "-",
+        "best_from": next((f"({note}) " for note in (best.notes if best else []) if note.startswith("expert seed")), ""), "hv": search_summary(result.trials, result.baseline)["hypervolume"],
         "wall": wall, "cpu": cpu,
     }
 
