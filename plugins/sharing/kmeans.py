@@ -223,6 +223,10 @@ class ClusteredWeight(StoredWeight):
             self.decoded, self._decoded_from = self.decode().contiguous(), book.clone()
         return self.decoded
 
+    def decoded_weight(self) -> torch.Tensor:
+        """The weight in the site's stored layout (``compute``: what the layer multiplies by)."""
+        return self.compute()
+
     def extra_repr(self) -> str:
         return (f"{list(self.codes_shape)}{' transposed' if self.transposed else ''}, bits={self.bits}, "
                 f"storage={self.storage}, centroids={self.codebook.numel()}{' + exact zero' if self.zero_code else ''}")
