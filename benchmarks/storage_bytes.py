@@ -11,6 +11,12 @@ validation batch, so two checkouts can be compared row by row: same digest = sam
 
 ``--root`` imports slimforge's folders (``core``, ``plugins``, ...) from that checkout instead of
 the installed one, so one venv measures both.
+
+``--places`` (this checkout only) measures what the storage hook's *layer* place buys over the
+*derived* one, on LeNet-5 at 4 bits: the built-in plan (every plain layer a ``WeightOnlyQuantized``
+module) against the same ``QuantizedWeight`` codes stored on every site as parametrizations
+through the public ``store_weight``; artifact bytes and the median batch-1 forward time on one
+thread, both models timed in interleaved rounds so that load from other processes hits them alike.
 """
 
 from __future__ import annotations
@@ -89,10 +95,68 @@ def measure(task_name: str, plan_steps, folder: Path):
     return size, score, digest
 
 
+def place_costs(rounds: int = 15) -> None:
+    """Bytes and batch-1 latency of the layer place against the derived place (see ``--places``)."""
+    import statistics
+
+    import torch
+
+    from slimforge.core.compressed import load_model, save_model
+    from slimforge.core.manager import Plugins
+    from slimforge.core.measure import LatencySettings, time_forward
+    from slimforge.core.plan import Plan, PlanStep
+    from slimforge.core.sites import weight_sites
+    from slimforge.core.task import load_task
+    from slimforge.core.technique import TechniqueContext
+    from slimforge.plugins.api import store_weight
+    from slimforge.plugins.quantization.weight_only import QuantizedWeight
+
+    task, registry = load_task("mnist-lenet5"), Plugins(load_entry_points=False).registry
+    technique = registry.get("weight_only_quant")
+    config = {"default_bits": 4, "keep_ends_8bit": False}
+
+    def fresh():
+        model = task.teacher_factory()
+        model.load_state_dict(task.teacher.state_dict())
+        return model.eval()
+
+    layer_ctx = TechniqueContext(task=task)
+    layer_model = technique.apply(fresh(), technique.config_from_dict(config), layer_ctx)
+    derived_ctx, derived_model = TechniqueContext(task=task), fresh()
+    for site in weight_sites(derived_model).values():
+        store_weight(derived_model, site, QuantizedWeight.from_matrix(site, site.matrix(derived_model), 4, True, "mse"),
+                     derived_ctx)
+    plan = Plan(steps=(PlanStep("weight_only_quant", config),), seed=0)
+    models, sizes = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, model, ctx in (("layer place (built-in)", layer_model, layer_ctx),
+                                  ("derived place on every site", derived_model, derived_ctx)):
+            path = Path(tmp) / "m.slim"
+            sizes[label] = save_model(model, path, task=task, plan=plan, structure=[ctx.structure])
+            models[label] = load_model(path, registry, task=task).model
+    models["float teacher"], sizes["float teacher"] = fresh(), None
+    x = task.example_inputs()
+    outputs = [m(*x) for m in (models["layer place (built-in)"], models["derived place on every site"])]
+    assert torch.equal(*outputs), "the two places must compute the same model"
+    samples = {label: [] for label in models}
+    settings = LatencySettings(warmup=20, repeats=200)
+    for _ in range(rounds):
+        for label, model in models.items():
+            samples[label].append(time_forward(model, x, "cpu", settings).median_ms * 1000)
+    print(f"\n# LeNet-5, weight_only_quant 4 bit: median of {rounds} rounds x {settings.repeats} batch-1 forwards, "
+          f"{settings.threads} thread")
+    print("| storage place | artifact bytes | latency (us) |")
+    print("|---|---:|---:|")
+    for label in models:
+        size = f"{sizes[label]:,}" if sizes[label] is not None else "-"
+        print(f"| {label} | {size} | {statistics.median(samples[label]):.0f} |", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, help="a slimforge checkout to import instead of the installed one")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--places", action="store_true", help="also compare the layer and derived places (LeNet-5)")
     args = parser.parse_args()
     if args.root:
         use_checkout(args.root.resolve())
@@ -106,6 +170,8 @@ def main() -> int:
             for label, steps in PLANS.items():
                 size, score, digest = measure(task_name, steps, Path(tmp))
                 print(f"| {task_name} | {label} | {size:,} | {score:.4f} | {digest} |", flush=True)
+    if args.places:
+        place_costs()
     return 0
 
 

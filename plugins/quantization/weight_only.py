@@ -7,18 +7,23 @@ an output channel for Conv/Linear, a logical output channel for Conv1D (its stor
 is transposed back), a q/k/v row of a packed projection (so q, k and v never share a scale), a
 gate row of an RNN, and a token's row of an Embedding table (per-row scales: a rare token's small
 vector keeps its own resolution).  Settings are keyed by ``site.setting_key`` (the module name for
-a module's ``weight``, as before sites).  The quantized site takes one of two forms:
+a module's ``weight``, as before sites).  Every quantized site is stored through the public
+storage hook (``plugins.api``: ``StoredWeight`` / ``store_weight`` / ``restore_stored_weights``)
+as a ``QuantizedWeight`` (codes, one scale per row, zero points in asymmetric mode), in one of its
+two places:
 
-- a plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` with zero padding that is only ever called
-  (``plugins.common.replaceable_layer``) is replaced by a ``WeightOnlyQuantized`` module whose
-  state_dict holds only the codes, one scale per output channel, the zero points in asymmetric mode,
-  and the float bias: exactly the bytes written before sites existed, so CNN and MLP artifacts are
-  unchanged (recorded in ``ctx.structure["bits"]`` / ``["storage"]``);
-- every other site becomes a ``QuantizedWeight`` parametrization (``core.sites.derive_weight``)
-  holding the same codes/scales/zero points: ``.weight`` stays readable, so nn.MultiheadAttention
-  (which reads ``out_proj.weight``), nn.TransformerEncoderLayer (which reads its Linears for its
-  fast path), RNN flat weights and Conv1D keep working, and tied input/output embeddings share one
-  ``QuantizedWeight``, stored once (recorded in ``ctx.structure["derived"]``, absent when empty).
+- a plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` that is only ever called
+  (``plugins.common.replaceable_layer``) is replaced by ``WeightOnlyQuantized``, the same weight as
+  a ``StoredLayer`` that also holds the float bias and calls ``F.linear`` / ``F.conv*`` itself (no
+  parametrization dispatch per forward; its state_dict is the one these layers always had);
+  recorded in ``ctx.structure["layers"]``;
+- every other site becomes a ``QuantizedWeight`` parametrization: ``.weight`` stays readable, so
+  nn.MultiheadAttention (which reads ``out_proj.weight``), nn.TransformerEncoderLayer (which reads
+  its Linears for its fast path), RNN flat weights and Conv1D keep working, and tied input/output
+  embeddings share one ``QuantizedWeight``, stored once (``ctx.structure["derived"]``).
+
+Artifacts written before the hook recorded replaced layers as ``bits`` / ``storage`` maps (and the
+first ones nothing at all); ``restore_structure`` still reads both.
 
 A parameter no site covers (a hand-written position tensor, say) is left in float32 with a note,
 and so is a site an earlier step already re-expressed.
@@ -221,7 +226,7 @@ class QuantizedWeight(StoredWeight):
     # --- the storage hook -----------------------------------------------------------------------
     def spec(self) -> dict:
         # ``symmetric`` and ``dequantize_once`` are the config's, the same for every site:
-        # ``restore_structure`` adds them back (``_with_config``) instead of each site's header entry.
+        # ``restore_structure`` adds them back from the config instead of repeating them per site.
         return {"bits": self.bits, "storage": self.storage}
 
     @classmethod

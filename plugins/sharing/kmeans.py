@@ -7,16 +7,17 @@ clustered into ``k = 2**bits`` scalar centroids by Lloyd's algorithm with *linea
 weights that matter most).  Convolutions default to ``conv_bits``, every other site (they are all
 fully connected maps) to ``fc_bits``; settings are keyed by ``site.setting_key``.  The site keeps
 only the codebook (k floats, fine-tuned by recovery training) and the cluster index (code) of every
-weight, in one of two forms:
+weight, stored through the public storage hook (``plugins.api``: ``StoredWeight`` /
+``store_weight`` / ``restore_stored_weights``) as a ``ClusteredWeight`` in one of its two places:
 
 - a plain called ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (``plugins.common.replaceable_layer``)
-  becomes a ``ClusteredLayer`` holding codebook, codes and bias, whose forward decodes
-  ``codebook[codes]`` and calls the layer's functional op: the bytes written before sites existed,
-  so CNN and MLP artifacts are unchanged (``ctx.structure["layers"]``);
-- every other site becomes a ``ClusteredWeight`` parametrization (``core.sites.derive_weight``):
-  ``.weight`` stays readable for the parents that read it (nn.MultiheadAttention, RNNs, Conv1D),
-  the codes cover the logical ``out x in`` matrix, and tied input/output embeddings share one
-  ``ClusteredWeight``, clustered and stored once (``ctx.structure["derived"]``, absent when empty).
+  becomes a ``ClusteredLayer``, the same weight as a ``StoredLayer`` that also holds the trainable
+  bias and calls the layer's functional op (no parametrization dispatch per forward; its state_dict
+  is the one these layers always had; ``ctx.structure["layers"]``);
+- every other site becomes a ``ClusteredWeight`` parametrization: ``.weight`` stays readable for
+  the parents that read it (nn.MultiheadAttention, RNNs, Conv1D), the codes cover the logical
+  ``out x in`` matrix, and tied input/output embeddings share one ``ClusteredWeight``, clustered
+  and stored once (``ctx.structure["derived"]``).
 
 Both decode through the same differentiable lookup while gradients are on, so autograd gives each
 centroid the sum of its weights' gradients, the paper's centroid fine-tuning rule; with gradients
@@ -310,7 +311,7 @@ class KMeansClustering(Technique):
         for name, shape in uncovered_parameters(model, sites).items():
             ctx.note(f"kmeans_clustering: {name!r} {list(shape)} is not a weight matrix of a known layer kind; "
                      "left dense")
-        ctx.structure["layers"] = {}
+        ctx.structure["layers"] = {}  # recorded even when empty, as before the storage hook: same header bytes
         for name, site in sites.items():
             key = site.setting_key
             if site.is_derived(model):
