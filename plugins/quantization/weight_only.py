@@ -379,8 +379,9 @@ class WeightOnlyQuant(Technique):
         return model
 
     def restore_structure(self, model, config: WeightOnlyQuantConfig, example_inputs, structure) -> nn.Module:
-        layers = structure.get("layers")
-        if layers is None:  # written before the storage hook: replaced layers recorded as bits / storage
+        layers = structure.get("layers") or {}
+        if "layers" not in structure and ("bits" in structure or "derived" not in structure):
+            # Written before the storage hook: replaced layers recorded as bits / storage maps.
             bits = structure.get("bits")
             if bits is None:  # the first artifacts recorded nothing: their layers follow from the config
                 bits = _legacy_bits(model, config, example_inputs)

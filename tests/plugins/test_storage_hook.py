@@ -63,3 +63,24 @@ def test_a_restore_of_replaced_layers_needs_the_layer_class_and_a_plain_layer():
     with pytest.raises(ArtifactError, match="stored layer 'attention.out_proj' is not a plain Conv/Linear layer"):
         restore_stored_weights(Attention(), {"layers": {"attention.out_proj": spec}}, "weight_only_quant",
                                QuantizedWeight, WeightOnlyQuantized)
+
+
+def test_a_weight_only_artifact_of_derived_sites_only_loads(tmp_path):
+    # Sites stored through the public hook alone (no replaced layer, so no "layers" record) are not
+    # mistaken for the first weight_only_quant artifacts, which recorded nothing.
+    from slimforge.core.compressed import load_model, save_model
+    from slimforge.core.manager import Plugins
+    from slimforge.core.plan import Plan, PlanStep
+
+    task = tiny_task()
+    model, ctx = task.teacher_factory().eval(), TechniqueContext(task=task)
+    model.load_state_dict(task.teacher.state_dict())
+    for site in weight_sites(model).values():
+        store_weight(model, site, _quantized(site, model, QuantizedWeight), ctx)
+    assert list(ctx.structure) == ["derived"]
+    plan = Plan(steps=(PlanStep("weight_only_quant", {"default_bits": 4}),), seed=0)
+    save_model(model, tmp_path / "d.slim", task=task, plan=plan, structure=[ctx.structure])
+    loaded = load_model(tmp_path / "d.slim", Plugins(load_entry_points=False).registry, task=task).model
+    x = task.split("val")[:][0][:8]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
