@@ -12,10 +12,11 @@ A site's ``StoredWeight`` takes one of two places, both recorded in ``ctx.struct
 - *layer* (a ``StoredLayer``, only where ``plugins.common.replaceable_layer`` allows: a plain
   Linear / Conv1d / Conv2d that its parent only calls): the stored weight *is* the module, computing
   ``op(x, weight, bias)`` itself (``ctx.structure["layers"]``).  What that buys is measured on
-  LeNet-5 at 4 bits (benchmarks/README.md, "Storage hook"): no parametrization dispatch on every
-  forward (batch-1 latency 576 us against 624 us with all five layers derived, 1 thread) and about
-  20 header bytes per layer (202,346 against 202,444 bytes), since the state_dict keys are the short
-  ``<module>.<tensor>`` and there is no placeholder entry.
+  LeNet-5 at 4 bits (``benchmarks/storage_bytes.py --places``, in benchmarks/README.md): no
+  parametrization dispatch on every forward (batch-1 latency 483 us against 552 us with all five
+  layers derived, 1 thread; the float model takes 473 us) and ~18 header bytes per layer (202,345
+  against 202,437 bytes), since the state_dict keys are the short ``<module>.<tensor>`` and there
+  is no placeholder entry.
 """
 
 from __future__ import annotations
