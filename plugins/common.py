@@ -446,23 +446,6 @@ def first_calls(model: nn.Module, example_inputs, modules: dict[str, nn.Module])
     return called
 
 
-def restore_derived(model: nn.Module, derived: dict[str, dict], technique: str, what: str, build) -> None:
-    """Re-register the derived weights a technique's ``ctx.structure["derived"]`` records
-    (``{setting_key: spec}``) on a rebuilt model, before its tensors load: ``build(site, spec,
-    tensor)`` returns the ``DerivedWeight`` with empty tensors of the recorded shapes.  A recorded
-    name that is no weight site of the model is an ``ArtifactError`` naming the technique."""
-    from slimforge.core.sites import derive_weight, weight_sites  # here, not at the top: only this section needs it
-
-    if not derived:
-        return
-    sites = {site.setting_key: site for site in weight_sites(model).values()}
-    for name, spec in derived.items():
-        if name not in sites:
-            raise ArtifactError(f"{technique}: {what} {name!r} is not a weight site of the rebuilt model")
-        site = sites[name]
-        derive_weight(model, site, build(site, spec, site.tensor(model)))
-
-
 def site_order(model: nn.Module, example_inputs, sites: dict | None = None) -> list[str]:
     """Site names in the order the forward pass first uses them.  A site is used when its module
     (or, for a module its parent only reads, e.g. nn.MultiheadAttention's ``out_proj``, the nearest

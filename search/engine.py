@@ -21,7 +21,7 @@ from slimforge.core.manager import Plugins
 from slimforge.core.measure import Measurements, measure_artifact
 from slimforge.core.planner import Planner
 from slimforge.core.task import Task
-from slimforge.search.budgets import Budgets
+from slimforge.search.budgets import Budgets, scored_predictions
 from slimforge.search.loop import InProcess, SearchContext, TrialLoop
 from slimforge.search.pareto import pareto_front, registration_floor
 from slimforge.search.records import SearchResult, TrialRecord, record_from_dict
@@ -66,9 +66,12 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
     baseline_path = settings.out_dir / "baseline.slim"
     save_model(task.teacher.to("cpu"), baseline_path, task=task, plan=Plan())
     baseline, baseline_test = (_measure_baseline(baseline_path, task, plugins, settings, split) for split in ("val", "test"))
+    resolution = budgets.resolution_warning(scored_predictions(task.split("val")), task.metric_name)
     budgets = budgets.resolve(baseline.accuracy)
     log(f"baseline (uncompressed): {task.metric_name} {baseline.accuracy:.4f} val / {baseline_test.accuracy:.4f} test, "
         f"{baseline.size_bytes / 1000:.1f} KB, {baseline.latency_ms:.3f} ms; budgets: {budgets.describe()}")
+    if resolution:
+        log(resolution)
     floor = registration_floor(baseline.accuracy, min_accuracy=settings.register_min_accuracy,
                                max_accuracy_drop=settings.register_max_accuracy_drop,
                                budget_min_accuracy=budgets.min_accuracy)

@@ -161,20 +161,26 @@ def source_tags() -> dict[str, str]:
     return tags
 
 
-def measurement_metrics(measurements: dict | None, suffix: str = "") -> dict[str, float]:
+def measurement_metrics(measurements: dict | None, suffix: str = "", metric_name: str = "accuracy") -> dict[str, float]:
+    """A run's metrics from measurements.  The task's metric goes out under its own name too
+    (``next_token_accuracy``, ``macro_f1``), next to the generic ``accuracy`` key that promotion,
+    the registry's tags and existing dashboards read."""
     if not measurements:
         return {}
     keys = ("accuracy", "size_bytes", "latency_ms", "latency_p90_ms")
-    return {f"{k}{suffix}": float(measurements[k]) for k in keys if measurements.get(k) is not None}
+    metrics = {f"{k}{suffix}": float(measurements[k]) for k in keys if measurements.get(k) is not None}
+    if metric_name != "accuracy" and f"accuracy{suffix}" in metrics:
+        metrics[f"{metric_name}{suffix}"] = metrics[f"accuracy{suffix}"]
+    return metrics
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def trial_payload(record) -> dict:
+def trial_payload(record, metric_name: str = "accuracy") -> dict:
     """What a trial's nested run holds, as JSON: params, metrics, stepped metrics, tags, status."""
-    metrics = measurement_metrics(record.measurements and record.measurements.to_dict())
+    metrics = measurement_metrics(record.measurements and record.measurements.to_dict(), metric_name=metric_name)
     metrics.update(duration_s=record.duration_s, training_seconds=record.training_seconds)
     metrics.update({f"violation_{k}": v for k, v in record.violations.items()})
     tags = {"state": record.state, "feasible": str(record.feasible), "plan": record.plan_text[:MAX_TAG_LENGTH],
@@ -591,6 +597,7 @@ class MlflowTracker:
         self._outcomes: dict[str, dict] = {}  # operation id -> what executing it returned
         self._trial_runs: dict[int, str] = {}  # trial number -> run id, for this search's trials
         self._task = None
+        self._metric_name = "accuracy"  # the task's, from search_start
         self._study = self._study_id = ""
         self._warned = False
         self._source_tags: dict[str, str] = {}
@@ -631,6 +638,7 @@ class MlflowTracker:
         import torch
 
         self._task, self._study = task, settings["study"]
+        self._metric_name = getattr(task, "metric_name", "accuracy")
         self._study_id = study_id(settings["study"], settings.get("storage"))
         self._started_at = time.time()
         self.journal = journal_path(Path(settings["out_dir"]).resolve())
@@ -643,16 +651,17 @@ class MlflowTracker:
         params = _flatten("", {k: v for k, v in settings.items() if k != "latency"}, {})
         params.update(_flatten("latency", settings["latency"], {}))
         tags = {"device.platform": platform.platform(), "device.processor": platform.processor() or platform.machine(),
-                "device.torch": torch.__version__, "device.target": settings["device"], **self._source_tags}
+                "device.torch": torch.__version__, "device.target": settings["device"], "metric_name": self._metric_name,
+                **self._source_tags}
         self.pending.append(self._op("search_start", task=task.name, params=params, tags=tags,
-                                     metrics=measurement_metrics(baseline.to_dict(), "_baseline")))
+                                     metrics=measurement_metrics(baseline.to_dict(), "_baseline", self._metric_name)))
         self._flush()
 
     @hookimpl
     def slimforge_trial_end(self, record):
         started = time.perf_counter()
         try:
-            op = self._op("trial", trial=trial_payload(record))
+            op = self._op("trial", trial=trial_payload(record, self._metric_name))
             op["trial"]["tags"].update(self._source_tags)
             self.pending.append(op)
             self._flush()
@@ -686,11 +695,11 @@ class MlflowTracker:
             loaded = load_model(member.artifact_path, registry, task=self._task)
             with torch.inference_mode():
                 output = logits_of(loaded.model(torch.from_numpy(example))).float().numpy()
-            op = self._op("register", trial=trial_payload(member), registered_model=self.registered_model,
+            op = self._op("register", trial=trial_payload(member, self._metric_name), registered_model=self.registered_model,
                           artifact_path=str(Path(member.artifact_path).resolve()),
                           trial_run_id=member.links.get("mlflow_run_id"),
                           version_tags=version_tags(member, result),
-                          test_metrics=measurement_metrics(member.test_measurements.to_dict(), "_test"),
+                          test_metrics=measurement_metrics(member.test_measurements.to_dict(), "_test", self._metric_name),
                           example_input=_as_json(example), example_output=_as_json(output))
             registrations[member.number] = op["id"]
             self.pending.append(op)
@@ -709,7 +718,7 @@ class MlflowTracker:
         pareto = [{"number": m.number, "registration": "registered" if m.not_registered is None
                    else f"not registered: {m.not_registered}"[:MAX_TAG_LENGTH],
                    "test_metrics": {} if m.not_registered is None or m.test_measurements is None
-                   else measurement_metrics(m.test_measurements.to_dict(), "_test")} for m in result.pareto]
+                   else measurement_metrics(m.test_measurements.to_dict(), "_test", self._metric_name)} for m in result.pareto]
         self.pending.append(self._op(
             "search_end", metrics=metrics, tags=tags, pareto=pareto,
             artifacts=[str(out_dir / name) for name in ("summary.json", "trials.csv", "pareto.png", "pareto.html")

@@ -7,18 +7,23 @@ an output channel for Conv/Linear, a logical output channel for Conv1D (its stor
 is transposed back), a q/k/v row of a packed projection (so q, k and v never share a scale), a
 gate row of an RNN, and a token's row of an Embedding table (per-row scales: a rare token's small
 vector keeps its own resolution).  Settings are keyed by ``site.setting_key`` (the module name for
-a module's ``weight``, as before sites).  The quantized site takes one of two forms:
+a module's ``weight``, as before sites).  Every quantized site is stored through the public
+storage hook (``plugins.api``: ``StoredWeight`` / ``store_weight`` / ``restore_stored_weights``)
+as a ``QuantizedWeight`` (codes, one scale per row, zero points in asymmetric mode), in one of its
+two places:
 
-- a plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` with zero padding that is only ever called
-  (``plugins.common.replaceable_layer``) is replaced by a ``WeightOnlyQuantized`` module whose
-  state_dict holds only the codes, one scale per output channel, the zero points in asymmetric mode,
-  and the float bias: exactly the bytes written before sites existed, so CNN and MLP artifacts are
-  unchanged (recorded in ``ctx.structure["bits"]`` / ``["storage"]``);
-- every other site becomes a ``QuantizedWeight`` parametrization (``core.sites.derive_weight``)
-  holding the same codes/scales/zero points: ``.weight`` stays readable, so nn.MultiheadAttention
-  (which reads ``out_proj.weight``), nn.TransformerEncoderLayer (which reads its Linears for its
-  fast path), RNN flat weights and Conv1D keep working, and tied input/output embeddings share one
-  ``QuantizedWeight``, stored once (recorded in ``ctx.structure["derived"]``, absent when empty).
+- a plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` that is only ever called
+  (``plugins.common.replaceable_layer``) is replaced by ``WeightOnlyQuantized``, the same weight as
+  a ``StoredLayer`` that also holds the float bias and calls ``F.linear`` / ``F.conv*`` itself (no
+  parametrization dispatch per forward; its state_dict is the one these layers always had);
+  recorded in ``ctx.structure["layers"]``;
+- every other site becomes a ``QuantizedWeight`` parametrization: ``.weight`` stays readable, so
+  nn.MultiheadAttention (which reads ``out_proj.weight``), nn.TransformerEncoderLayer (which reads
+  its Linears for its fast path), RNN flat weights and Conv1D keep working, and tied input/output
+  embeddings share one ``QuantizedWeight``, stored once (``ctx.structure["derived"]``).
+
+Artifacts written before the hook recorded replaced layers as ``bits`` / ``storage`` maps (and the
+first ones nothing at all); ``restore_structure`` still reads both.
 
 A parameter no site covers (a hand-written position tensor, say) is left in float32 with a note,
 and so is a site an earlier step already re-expressed.
@@ -67,17 +72,17 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.space import per_layer_knobs
-from slimforge.core.sites import DerivedWeight, WeightSite, derive_weight, uncovered_parameters, weight_sites
+from slimforge.core.sites import WeightSite, to_matrix, uncovered_parameters, weight_sites
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import (choose_code_storage, suggest_site_bits, codes_from_stored, empty_code_buffer, first_calls,
-                                      replace_module, replaceable_layer, restore_derived, setting_for, site_order,
-                                      stored_codes, unmatched_settings, weight_layers)
+from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, first_calls,
+                                      replaceable_layer, setting_for, site_order, stored_codes, suggest_site_bits,
+                                      unmatched_settings, weight_layers)
+from slimforge.plugins.storage import StoredLayer, StoredWeight, layer_site, restore_stored_weights, store_weight
 
 BIT_CHOICES = (2, 4, 8)  # what the search samples; a config may name any width in BIT_RANGE
 BIT_RANGE = (2, 8)  # 1 bit has no symmetric grid containing 0 and +-s
@@ -165,151 +170,137 @@ def signed_levels(codes: torch.Tensor, bits: int, zero_point: torch.Tensor | Non
     return levels - zero
 
 
-class WeightOnlyQuantized(nn.Module):
-    """A plain Conv1d/Conv2d/Linear replaced by its ``bits``-bit codes + per-channel scales (the
-    *module* form, used where the layer is only ever called, so its bytes stay those of the files
-    written before sites existed; ``QuantizedWeight`` is the form for every other site).
-
-    The ``relative_codes`` buffer holds each weight's grid level minus its channel's zero point,
-    modulo ``2**bits``, so every weight that is exactly 0.0 has code 0, in ``storage`` form
-    (``plugins.common``: ``uint8`` in the weight's shape, whose zero codes the artifact codec leaves
-    out, or ``packed``).  ``absolute_codes=True`` reads artifacts written before that: absolute
-    levels, packed, in a buffer named ``codes``.  The two names differ so that an older slimforge,
-    which knows only ``codes``, refuses a newer artifact (unexpected key) instead of decoding
-    relative codes as absolute levels into wrong weights."""
-
-    def __init__(self, layer: nn.Module, bits: int, symmetric: bool, dequantize_once: bool = True,
-                 storage: str = "packed", absolute_codes: bool = False):
-        super().__init__()
-        self.kind = type(layer).__name__
-        self.bits, self.symmetric, self.dequantize_once = bits, symmetric, dequantize_once
-        self.storage, self.absolute_codes = storage, absolute_codes
-        self.codes_name = "codes" if absolute_codes else "relative_codes"
-        self.weight_shape = tuple(layer.weight.shape)
-        if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-            self.stride, self.padding = layer.stride, layer.padding
-            self.dilation, self.groups = layer.dilation, layer.groups
-        device, out = layer.weight.device, self.weight_shape[0]
-        self.register_buffer(self.codes_name, empty_code_buffer(self.weight_shape, bits, storage, device))
-        self.register_buffer("scale", torch.ones(out, dtype=torch.float32, device=device))
-        if not symmetric:
-            self.register_buffer("zero_point", torch.zeros(out, dtype=torch.uint8, device=device))
-        bias = None if layer.bias is None else layer.bias.detach().clone().to(torch.float32)
-        self.register_buffer("bias", bias)
-        self.register_buffer("weight_cache", None, persistent=False)
-
-    @classmethod
-    def from_layer(cls, layer: nn.Module, bits: int, symmetric: bool, scale_method: str,
-                   dequantize_once: bool = True) -> WeightOnlyQuantized:
-        absolute, scale, zero = quantize_rows(layer.weight.detach().flatten(1), bits, symmetric, scale_method)
-        codes = relative_codes(absolute, zero, bits).view(layer.weight.shape).cpu()
-        storage = choose_code_storage(codes, bits)
-        module = cls(layer, bits, symmetric, dequantize_once, storage)
-        with torch.no_grad():
-            module.codes_buffer.copy_(stored_codes(codes, bits, storage))
-            module.scale.copy_(scale)
-            if not symmetric:
-                module.zero_point.copy_(zero.to(torch.uint8))
-        module.refresh_cache()
-        return module
-
-    @property
-    def codes_buffer(self) -> torch.Tensor:
-        """The codes buffer, whichever name it has."""
-        return getattr(self, self.codes_name)
-
-    def levels(self) -> torch.Tensor:
-        """Signed integer level of every weight, one row per output channel: weight = level * scale."""
-        codes = codes_from_stored(self.codes_buffer, self.bits, self.storage, self.weight_shape)
-        return signed_levels(codes.view(self.weight_shape[0], -1), self.bits,
-                             None if self.symmetric else self.zero_point, self.absolute_codes)
-
-    def dequantize(self) -> torch.Tensor:
-        return (self.levels().to(torch.float32) * self.scale[:, None]).view(self.weight_shape)
-
-    def refresh_cache(self) -> None:
-        self.weight_cache = self.dequantize() if self.dequantize_once else None
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.refresh_cache()  # the cache must follow the codes just loaded
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_cache if self.weight_cache is not None else self.dequantize()
-        if self.kind == "Linear":
-            return F.linear(x, weight, self.bias)
-        conv = F.conv2d if self.kind == "Conv2d" else F.conv1d
-        return conv(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def extra_repr(self) -> str:
-        mode = "symmetric" if self.symmetric else "asymmetric"
-        return (f"{self.kind}{list(self.weight_shape)}, bits={self.bits}, {mode}, storage={self.storage}, "
-                f"dequantize_once={self.dequantize_once}")
-
-
-class QuantizedWeight(DerivedWeight):
+class QuantizedWeight(StoredWeight):
     """A site's weight computed from ``bits``-bit codes and one scale per *logical* output row
     (``core.sites``: Conv1D's transposed storage undone, a packed q/k/v projection's rows each their
-    own channel, an Embedding's rows its tokens).  The *derived* form: the module keeps its class
-    and reads ``.weight`` as before, so nn.MultiheadAttention (which reads ``out_proj.weight`` and
-    its packed ``in_proj_weight``), Hugging Face Conv1D, Embedding, RNN flat weights and tied
-    embeddings (one ``QuantizedWeight`` for both places, stored once) all work.
+    own channel, an Embedding's rows its tokens): weight_only_quant's ``StoredWeight``
+    (``plugins.api``), in the derived place, so the module keeps its class and reads ``.weight`` as
+    before (nn.MultiheadAttention, Hugging Face Conv1D, Embedding, RNN flat weights, and tied
+    embeddings: one ``QuantizedWeight`` for both places, stored once).
 
-    Buffers as ``WeightOnlyQuantized``'s: ``relative_codes`` of the logical ``out x in`` matrix in
-    ``storage`` form, ``scale`` and, asymmetric, ``zero_point``; the dequantized weight goes to
-    the non-persistent ``weight_cache`` at build and load with ``dequantize_once``."""
+    Buffers: ``relative_codes`` (each weight's grid level minus its row's zero point, modulo
+    ``2**bits``, so every weight that is exactly 0.0 has code 0) of the logical ``out x in`` matrix
+    in ``storage`` form (``plugins.common``: ``uint8``, whose zero codes the artifact codec leaves
+    out, or ``packed``), ``scale`` and, asymmetric, ``zero_point``.  With ``dequantize_once`` the
+    dequantized weight is decoded at build and load into the non-persistent ``weight_cache``;
+    without, every read decodes again.  ``absolute_codes=True`` reads the first layer-form artifacts:
+    absolute levels, packed, in a buffer named ``codes``.  The names differ so that an older
+    slimforge, which knows only ``codes``, refuses a newer artifact (unexpected key) instead of
+    decoding relative codes as absolute levels into wrong weights."""
+
+    # Codes of the logical matrix; the layer form keeps them in the weight's own shape (conv kernels
+    # 4-D), as its artifacts always had them.
+    codes_in_stored_shape = False
 
     def __init__(self, site: WeightSite, bits: int, symmetric: bool, dequantize_once: bool = True,
-                 storage: str = "packed", dtype: torch.dtype = torch.float32, device=None):
+                 storage: str = "packed", dtype: torch.dtype = torch.float32, device=None,
+                 absolute_codes: bool = False):
         super().__init__()
         self.bits, self.symmetric, self.dequantize_once, self.storage = bits, symmetric, dequantize_once, storage
+        self.absolute_codes = absolute_codes
         self.stored_shape, self.transposed, self.dtype = tuple(site.shape), site.transposed, dtype
         self.matrix_shape = (site.out_features, site.in_features)
-        self.register_buffer("relative_codes", empty_code_buffer(self.matrix_shape, bits, storage, device))
+        self.codes_shape = self.stored_shape if self.codes_in_stored_shape else self.matrix_shape
+        self.codes_name = "codes" if absolute_codes else "relative_codes"
+        self.register_buffer(self.codes_name, empty_code_buffer(self.codes_shape, bits, storage, device))
         self.register_buffer("scale", torch.ones(site.out_features, dtype=torch.float32, device=device))
         if not symmetric:
             self.register_buffer("zero_point", torch.zeros(site.out_features, dtype=torch.uint8, device=device))
-        self.register_buffer("weight_cache", None, persistent=False)
 
     @classmethod
     def from_matrix(cls, site: WeightSite, matrix: torch.Tensor, bits: int, symmetric: bool, scale_method: str,
                     dequantize_once: bool = True) -> QuantizedWeight:
         absolute, scale, zero = quantize_rows(matrix.detach(), bits, symmetric, scale_method)
         codes = relative_codes(absolute, zero, bits).cpu()
+        codes = codes.view(site.shape) if cls.codes_in_stored_shape else codes
         storage = choose_code_storage(codes, bits)
         derived = cls(site, bits, symmetric, dequantize_once, storage, matrix.dtype, matrix.device)
         with torch.no_grad():
-            derived.relative_codes.copy_(stored_codes(codes, bits, storage))
+            derived.codes_buffer.copy_(stored_codes(codes, bits, storage))
             derived.scale.copy_(scale)
             if not symmetric:
                 derived.zero_point.copy_(zero.to(torch.uint8))
-        derived.refresh_cache()
+        derived.refresh()
         return derived
 
-    def levels(self) -> torch.Tensor:
-        """Signed level of every weight of the logical ``out x in`` matrix."""
-        codes = codes_from_stored(self.relative_codes, self.bits, self.storage, self.matrix_shape)
-        return signed_levels(codes, self.bits, None if self.symmetric else self.zero_point)
+    # --- the storage hook -----------------------------------------------------------------------
+    def spec(self) -> dict:
+        # ``symmetric`` and ``dequantize_once`` are the config's, the same for every site:
+        # ``restore_structure`` adds them back from the config instead of repeating them per site.
+        return {"bits": self.bits, "storage": self.storage}
 
-    def dequantize(self) -> torch.Tensor:
+    @classmethod
+    def empty(cls, site: WeightSite, spec: dict, like: torch.Tensor) -> QuantizedWeight:
+        return cls(site, int(spec["bits"]), bool(spec["symmetric"]), bool(spec["dequantize_once"]), spec["storage"],
+                   like.dtype, like.device, absolute_codes=bool(spec.get("absolute_codes", False)))
+
+    def decode(self) -> torch.Tensor:
         """The weight in the site's stored layout (contiguous: Conv1D's transpose is materialised)."""
         matrix = (self.levels().to(torch.float32) * self.scale[:, None]).to(self.dtype)
         return matrix.t().contiguous() if self.transposed else matrix.reshape(self.stored_shape)
 
-    def refresh_cache(self) -> None:
-        self.weight_cache = self.dequantize() if self.dequantize_once else None
+    def refresh(self) -> None:
+        self.decoded = self.decode() if self.dequantize_once else None
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.refresh_cache()
+    # --- reading the codes ----------------------------------------------------------------------
+    @property
+    def codes_buffer(self) -> torch.Tensor:
+        """The codes buffer, whichever name it has."""
+        return getattr(self, self.codes_name)
 
-    def compute(self) -> torch.Tensor:
-        return self.weight_cache if self.weight_cache is not None else self.dequantize()
+    @property
+    def weight_cache(self) -> torch.Tensor | None:
+        """The dequantized weight decoded at build/load (None without ``dequantize_once``)."""
+        return self.decoded
+
+    def levels(self) -> torch.Tensor:
+        """Signed integer level of every weight of the logical ``out x in`` matrix: weight = level * scale."""
+        codes = codes_from_stored(self.codes_buffer, self.bits, self.storage, self.codes_shape)
+        return signed_levels(codes.reshape(self.matrix_shape), self.bits,
+                             None if self.symmetric else self.zero_point, self.absolute_codes)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.decode()
 
     def extra_repr(self) -> str:
         mode = "symmetric" if self.symmetric else "asymmetric"
         return (f"{list(self.matrix_shape)}{' transposed' if self.transposed else ''}, bits={self.bits}, {mode}, "
                 f"storage={self.storage}, dequantize_once={self.dequantize_once}")
+
+
+class WeightOnlyQuantized(StoredLayer, QuantizedWeight):
+    """A ``QuantizedWeight`` in the layer place (``plugins.api.StoredLayer``): it replaces a plain
+    Conv1d/Conv2d/Linear its parent only calls, holding the same codes/scales/zero points plus the
+    float ``bias`` (a buffer: nothing in a quantized layer trains), and calls ``F.linear`` /
+    ``F.conv*`` on the dequantized weight.  Kept beside the derived place because it skips the
+    parametrization dispatch on every forward and writes shorter keys (``plugins.storage``); its
+    state_dict is the one these layers always had (codes in the weight's shape)."""
+
+    codes_in_stored_shape = True
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, bits: int, symmetric: bool, scale_method: str,
+                   dequantize_once: bool = True) -> WeightOnlyQuantized:
+        site = layer_site(layer)
+        return cls.from_matrix(site, to_matrix(layer.weight, site), bits, symmetric, scale_method, dequantize_once).host(layer)
+
+    @classmethod
+    def for_layer(cls, layer: nn.Module, bits: int, symmetric: bool, dequantize_once: bool = True,
+                  storage: str = "packed", absolute_codes: bool = False) -> WeightOnlyQuantized:
+        """An empty one for ``layer`` (its state_dict loads next)."""
+        weight = layer.weight
+        return cls(layer_site(layer), bits, symmetric, dequantize_once, storage, weight.dtype, weight.device,
+                   absolute_codes).host(layer)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.stored_shape
+
+    def refresh_cache(self) -> None:
+        self.refresh()
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}{list(self.stored_shape)}, " + super().extra_repr().split(", ", 1)[1]
 
 
 # --- the technique --------------------------------------------------------------------------------
@@ -378,40 +369,31 @@ class WeightOnlyQuant(Technique):
         model.eval()
         bits = self.resolve_bits(model, config, ctx.task.example_inputs(), ctx)
         sites = {site.setting_key: site for site in weight_sites(model).values()}
-        replaced, storage, derived = {}, {}, {}
+        # Always recorded, even empty: a structure without it is one of the first artifacts (below).
+        ctx.structure["layers"] = {}
         for key, b in bits.items():
             site = sites[key]
-            if replaceable_layer(model, site):
-                quantized = WeightOnlyQuantized.from_layer(site.owner(model), b, config.symmetric,
-                                                           config.scale_method, config.dequantize_once)
-                replace_module(model, site.module, quantized)
-                replaced[site.module], storage[site.module] = b, quantized.storage
-            else:
-                weight = QuantizedWeight.from_matrix(site, site.matrix(model), b, config.symmetric,
-                                                     config.scale_method, config.dequantize_once)
-                derive_weight(model, site, weight)
-                derived[key] = {"bits": b, "storage": weight.storage}
-        ctx.structure["bits"] = replaced
-        ctx.structure["storage"] = storage
-        if derived:  # absent for a model of plain layers, so its header is the one written before sites
-            ctx.structure["derived"] = derived
+            place = WeightOnlyQuantized if replaceable_layer(model, site, padding_modes=None) else QuantizedWeight
+            store_weight(model, site, place.from_matrix(site, site.matrix(model), b, config.symmetric,
+                                                        config.scale_method, config.dequantize_once), ctx)
         return model
 
     def restore_structure(self, model, config: WeightOnlyQuantConfig, example_inputs, structure) -> nn.Module:
-        bits = structure.get("bits")
-        if bits is None:  # the first artifacts recorded nothing: their layers follow from the config
-            bits = _legacy_bits(model, config, example_inputs)
-        # Artifacts written before the storage choice record none: absolute levels, packed.
-        storage = structure.get("storage")
-        for name, b in bits.items():
-            replace_module(model, name, WeightOnlyQuantized(
-                model.get_submodule(name), int(b), config.symmetric, config.dequantize_once,
-                storage="packed" if storage is None else storage[name], absolute_codes=storage is None))
-        restore_derived(model, structure.get("derived", {}), self.name, "quantized weight",
-                        lambda site, spec, tensor: QuantizedWeight(site, int(spec["bits"]), config.symmetric,
-                                                                   config.dequantize_once, spec["storage"],
-                                                                   tensor.dtype, tensor.device))
-        return model
+        layers = structure.get("layers") or {}
+        if "layers" not in structure and ("bits" in structure or "derived" not in structure):
+            # Written before the storage hook: replaced layers recorded as bits / storage maps.
+            bits = structure.get("bits")
+            if bits is None:  # the first artifacts recorded nothing: their layers follow from the config
+                bits = _legacy_bits(model, config, example_inputs)
+            # Artifacts written before the storage choice record none: absolute levels, packed.
+            storage = structure.get("storage")
+            layers = {name: {"bits": int(b), "storage": "packed" if storage is None else storage[name],
+                             "absolute_codes": storage is None} for name, b in bits.items()}
+        facts = {"symmetric": config.symmetric, "dequantize_once": config.dequantize_once}
+        return restore_stored_weights(model, {place: {key: {**facts, **spec} for key, spec in records.items()}
+                                              for place, records in (("layers", layers),
+                                                                     ("derived", structure.get("derived") or {}))},
+                                      self.name, QuantizedWeight, WeightOnlyQuantized)
 
 
 def _ends(order: list) -> set:

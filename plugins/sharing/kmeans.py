@@ -7,16 +7,17 @@ clustered into ``k = 2**bits`` scalar centroids by Lloyd's algorithm with *linea
 weights that matter most).  Convolutions default to ``conv_bits``, every other site (they are all
 fully connected maps) to ``fc_bits``; settings are keyed by ``site.setting_key``.  The site keeps
 only the codebook (k floats, fine-tuned by recovery training) and the cluster index (code) of every
-weight, in one of two forms:
+weight, stored through the public storage hook (``plugins.api``: ``StoredWeight`` /
+``store_weight`` / ``restore_stored_weights``) as a ``ClusteredWeight`` in one of its two places:
 
 - a plain called ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (``plugins.common.replaceable_layer``)
-  becomes a ``ClusteredLayer`` holding codebook, codes and bias, whose forward decodes
-  ``codebook[codes]`` and calls the layer's functional op: the bytes written before sites existed,
-  so CNN and MLP artifacts are unchanged (``ctx.structure["layers"]``);
-- every other site becomes a ``ClusteredWeight`` parametrization (``core.sites.derive_weight``):
-  ``.weight`` stays readable for the parents that read it (nn.MultiheadAttention, RNNs, Conv1D),
-  the codes cover the logical ``out x in`` matrix, and tied input/output embeddings share one
-  ``ClusteredWeight``, clustered and stored once (``ctx.structure["derived"]``, absent when empty).
+  becomes a ``ClusteredLayer``, the same weight as a ``StoredLayer`` that also holds the trainable
+  bias and calls the layer's functional op (no parametrization dispatch per forward; its state_dict
+  is the one these layers always had; ``ctx.structure["layers"]``);
+- every other site becomes a ``ClusteredWeight`` parametrization: ``.weight`` stays readable for
+  the parents that read it (nn.MultiheadAttention, RNNs, Conv1D), the codes cover the logical
+  ``out x in`` matrix, and tied input/output embeddings share one ``ClusteredWeight``, clustered
+  and stored once (``ctx.structure["derived"]``).
 
 Both decode through the same differentiable lookup while gradients are on, so autograd gives each
 centroid the sum of its weights' gradients, the paper's centroid fine-tuning rule; with gradients
@@ -44,23 +45,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from slimforge.core.errors import ArtifactError, ConfigError
+from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
-from slimforge.core.sites import DerivedWeight, SiteKind, WeightSite, derive_weight, uncovered_parameters, weight_sites
+from slimforge.core.sites import SiteKind, WeightSite, to_matrix, uncovered_parameters, weight_sites
 from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
-from slimforge.plugins.common import (choose_code_storage, suggest_site_bits, codes_from_stored, empty_code_buffer, packed_size,
-                                      replace_module, replaceable_layer, restore_derived, stored_codes,
-                                      weight_layers)
+from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, packed_size,
+                                      replaceable_layer, stored_codes, suggest_site_bits)
+from slimforge.plugins.storage import StoredLayer, StoredWeight, layer_site, restore_stored_weights, store_weight
 
 # Deep Compression's LeNet/AlexNet setting: convolutions are more sensitive to sharing than fully
 # connected layers, so they default to (and search over) more bits.
 CONV_BITS, FC_BITS = 8, 5
 CONV_BITS_RANGE, FC_BITS_RANGE = (3, 8), (2, 6)
 LLOYD_ITERATIONS = 30
-_FUNCTIONAL = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,26 +135,84 @@ class _CodebookLookup(torch.autograd.Function):
         return sums.to(grad.dtype), None
 
 
-class _Codebook:
-    """Decoding shared by both forms: ``codebook`` (trainable), ``codes`` (stored) and their decoded
-    ``code_index`` in ``codes_shape``; ``_to_weight`` puts the decoded matrix in the weight's layout."""
+class ClusteredWeight(StoredWeight):
+    """A site's weight computed as ``codebook[codes]``: kmeans_clustering's ``StoredWeight``
+    (``plugins.api``), in the derived place, so the module keeps its class and reads ``.weight`` as
+    before (nn.MultiheadAttention's ``out_proj`` and packed ``in_proj_weight``, Hugging Face Conv1D,
+    Embedding tables, RNN flat weights, and tied embeddings: one ``ClusteredWeight`` for both
+    places, clustered and stored once).
+
+    State: ``codebook`` (trainable centroids), ``codes`` (uint8 cluster indices of the logical
+    ``out x in`` matrix, Conv1D's transposed storage undone: one per weight with
+    ``storage="uint8"``, bit-packed and flat with ``storage="packed"``).  With ``zero_code`` the
+    code 0 means an exact, untrainable 0.0 and ``codebook`` holds the other ``2**bits - 1``
+    centroids.  While gradients are on, every read decodes again through a differentiable lookup, so
+    recovery training fine-tunes the centroids (the paper's rule: each centroid gets the sum of its
+    weights' gradients); otherwise the decoded weight is cached until the codebook changes."""
+
+    # Codes of the logical matrix; the layer form keeps them in the weight's own shape, as its
+    # artifacts always had them.
+    codes_in_stored_shape = False
+
+    def __init__(self, site: WeightSite, bits: int, zero_code: bool, storage: str = "packed",
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.bits, self.zero_code, self.storage = bits, zero_code, storage
+        self.stored_shape, self.transposed = tuple(site.shape), site.transposed
+        self.codes_shape = self.stored_shape if self.codes_in_stored_shape else (site.out_features, site.in_features)
+        self.codebook = nn.Parameter(torch.zeros((1 << bits) - int(zero_code), dtype=dtype, device=device))
+        self.register_buffer("codes", empty_code_buffer(self.codes_shape, bits, storage, device))
+        # Decoded indices for the forward pass; derived from ``codes``, so never saved.
+        self.register_buffer("code_index", torch.zeros(self.codes_shape, dtype=torch.int64, device=device),
+                             persistent=False)
+        self._decoded_from = None  # the codebook ``decoded`` was computed from
+
+    @classmethod
+    def from_matrix(cls, site: WeightSite, matrix: torch.Tensor, bits: int, iterations: int) -> ClusteredWeight:
+        """``matrix`` (the site's logical ``out x in`` weights) clustered into ``2**bits`` centroids."""
+        centroids, codes, zero_code = cluster(matrix, bits, iterations)
+        codes = codes.view(site.shape) if cls.codes_in_stored_shape else codes
+        storage = choose_code_storage(codes, bits)
+        weight = cls(site, bits, zero_code, storage, matrix.dtype, matrix.device)
+        with torch.no_grad():
+            weight.codebook.copy_(centroids.to(weight.codebook.dtype))
+        weight.set_codes(codes)
+        return weight
 
     def set_codes(self, codes: torch.Tensor) -> None:
         codes = codes.to(torch.int64).reshape(self.codes_shape)
         with torch.no_grad():
             self.codes.copy_(stored_codes(codes.cpu(), self.bits, self.storage))
             self.code_index.copy_(codes)
-        self._decoded_from = None
+        self.refresh()
+
+    # --- the storage hook -----------------------------------------------------------------------
+    def spec(self) -> dict:
+        return {"bits": self.bits, "zero_code": self.zero_code, "storage": self.storage}
+
+    @classmethod
+    def empty(cls, site: WeightSite, spec: dict, like: torch.Tensor) -> ClusteredWeight:
+        # Artifacts from before the per-layer storage choice always hold packed codes.
+        return cls(site, int(spec["bits"]), bool(spec["zero_code"]), spec.get("storage", "packed"), like.dtype,
+                   like.device)
+
+    def decode(self) -> torch.Tensor:
+        table = torch.cat([self.codebook.new_zeros(1), self.codebook]) if self.zero_code else self.codebook
+        decoded = _CodebookLookup.apply(table, self.code_index)
+        return decoded.t() if self.transposed else decoded.reshape(self.stored_shape)
+
+    def refresh(self) -> None:
+        self.decoded = self._decoded_from = None  # decoded again on the next read without gradients
 
     def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+        nn.Module._load_from_state_dict(self, *args, **kwargs)
         with torch.no_grad():
             self.code_index.copy_(codes_from_stored(self.codes, self.bits, self.storage, self.codes_shape))
-        self._decoded_from = None
+        self.refresh()
 
-    def decoded_weight(self) -> torch.Tensor:
+    def compute(self) -> torch.Tensor:
         if torch.is_grad_enabled():  # training: decode every time, so gradients reach the codebook
-            return self._to_weight(self._decode())
+            return self.decode()
         # Inference decodes once, as a deployed Deep Compression model does at load time: the
         # per-call gather otherwise costs more than the layer's matmul.  The codebook is compared
         # by value (a few hundred floats), because writes through ``.data`` or a fused optimizer
@@ -164,95 +221,45 @@ class _Codebook:
         cached = self._decoded_from
         stale = cached is None or (cached.device, cached.dtype) != (book.device, book.dtype)
         if stale or not torch.equal(cached, book):
-            self._decoded, self._decoded_from = self._to_weight(self._decode()).contiguous(), book.clone()
-        return self._decoded
+            self.decoded, self._decoded_from = self.decode().contiguous(), book.clone()
+        return self.decoded
 
-    def _decode(self) -> torch.Tensor:
-        table = torch.cat([self.codebook.new_zeros(1), self.codebook]) if self.zero_code else self.codebook
-        return _CodebookLookup.apply(table, self.code_index)
-
-    def _to_weight(self, decoded: torch.Tensor) -> torch.Tensor:
-        return decoded
-
-
-class ClusteredLayer(_Codebook, nn.Module):
-    """A Conv/Linear layer whose weight is ``codebook[codes]`` (the *module* form, for plain layers
-    that are only called: their bytes are those written before weight sites existed;
-    ``ClusteredWeight`` is the form for every other site).
-
-    State: ``codebook`` (trainable centroids), ``codes`` (uint8: one per weight in the weight's
-    shape with ``storage="uint8"``, bit-packed and flat with ``storage="packed"``), ``bias``.  With
-    ``zero_code`` the code 0 means an exact, untrainable 0.0 and ``codebook`` holds the other
-    ``2**bits - 1`` centroids."""
-
-    def __init__(self, layer: nn.Module, bits: int, zero_code: bool, storage: str = "packed"):
-        super().__init__()
-        self.op = _FUNCTIONAL[type(layer)]
-        self.bits, self.zero_code, self.storage = bits, zero_code, storage
-        self.weight_shape = self.codes_shape = tuple(layer.weight.shape)
-        weight = layer.weight.detach()
-        self.codebook = nn.Parameter(weight.new_zeros((1 << bits) - int(zero_code)))
-        self.register_buffer("codes", empty_code_buffer(self.weight_shape, bits, storage, weight.device))
-        # Decoded indices for the forward pass; derived from ``codes``, so never saved.
-        self.register_buffer("code_index", torch.zeros(self.weight_shape, dtype=torch.int64, device=weight.device),
-                             persistent=False)
-        self._decoded = self._decoded_from = None  # inference cache; plain attributes, never saved
-        if layer.bias is not None:
-            self.bias = nn.Parameter(layer.bias.detach().clone())
-        else:
-            self.register_parameter("bias", None)
-        if self.op != "linear":
-            self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
-            self.groups, self.padding_mode = layer.groups, layer.padding_mode
-            self._reversed_padding_repeated_twice = list(layer._reversed_padding_repeated_twice)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.decoded_weight()
-        if self.op == "linear":
-            return F.linear(x, weight, self.bias)
-        conv = F.conv2d if self.op == "conv2d" else F.conv1d
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        return conv(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
-
-    def extra_repr(self) -> str:
-        return (f"{self.op}, weight_shape={self.weight_shape}, bits={self.bits}, storage={self.storage}, "
-                f"centroids={self.codebook.numel()}{' + exact zero' if self.zero_code else ''}")
-
-
-class ClusteredWeight(_Codebook, DerivedWeight):
-    """A site's weight computed as ``codebook[codes]`` (the *derived* form, ``core.sites``): the
-    module keeps its class and reads ``.weight`` as before, so nn.MultiheadAttention (``out_proj``
-    and its packed ``in_proj_weight``), Hugging Face Conv1D, Embedding tables, RNN flat weights and
-    tied embeddings (one ``ClusteredWeight`` for both places, stored once) all work.  The codes
-    cover the logical ``out x in`` matrix (Conv1D's transposed storage undone).  While gradients
-    are on, every read decodes again, so recovery training fine-tunes the centroids (the RNN and
-    MultiheadAttention re-read their weights each forward); otherwise the decoded weight is cached
-    until the codebook changes.  State as ``ClusteredLayer``'s, without a bias: the module keeps its own."""
-
-    def __init__(self, site: WeightSite, bits: int, zero_code: bool, storage: str = "packed",
-                 dtype: torch.dtype = torch.float32, device=None):
-        super().__init__()
-        self.bits, self.zero_code, self.storage = bits, zero_code, storage
-        self.codes_shape = (site.out_features, site.in_features)
-        self.stored_shape, self.transposed = tuple(site.shape), site.transposed
-        self.codebook = nn.Parameter(torch.zeros((1 << bits) - int(zero_code), dtype=dtype, device=device))
-        self.register_buffer("codes", empty_code_buffer(self.codes_shape, bits, storage, device))
-        self.register_buffer("code_index", torch.zeros(self.codes_shape, dtype=torch.int64, device=device),
-                             persistent=False)
-        self._decoded = self._decoded_from = None
-
-    def _to_weight(self, decoded: torch.Tensor) -> torch.Tensor:
-        return decoded.t() if self.transposed else decoded.reshape(self.stored_shape)
-
-    def compute(self) -> torch.Tensor:
-        return self.decoded_weight()
+    def decoded_weight(self) -> torch.Tensor:
+        """The weight in the site's stored layout (``compute``: what the layer multiplies by)."""
+        return self.compute()
 
     def extra_repr(self) -> str:
         return (f"{list(self.codes_shape)}{' transposed' if self.transposed else ''}, bits={self.bits}, "
                 f"storage={self.storage}, centroids={self.codebook.numel()}{' + exact zero' if self.zero_code else ''}")
+
+
+class ClusteredLayer(StoredLayer, ClusteredWeight):
+    """A ``ClusteredWeight`` in the layer place (``plugins.api.StoredLayer``): it replaces a plain
+    Conv/Linear its parent only calls, holding codebook, codes (in the weight's shape) and the
+    trainable bias, and calls the layer's functional op (any padding mode).  Kept beside the derived
+    place because it skips the parametrization dispatch on every forward and writes shorter keys
+    (``plugins.storage``); its state_dict is the one these layers always had."""
+
+    codes_in_stored_shape = True
+    trainable_bias = True
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, bits: int, iterations: int) -> ClusteredLayer:
+        site = layer_site(layer)
+        return cls.from_matrix(site, to_matrix(layer.weight, site), bits, iterations).host(layer)
+
+    @classmethod
+    def for_layer(cls, layer: nn.Module, bits: int, zero_code: bool, storage: str = "packed") -> ClusteredLayer:
+        """An empty one for ``layer`` (its state_dict loads next)."""
+        weight = layer.weight
+        return cls(layer_site(layer), bits, zero_code, storage, weight.dtype, weight.device).host(layer)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.stored_shape
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, " + super().extra_repr()
 
 
 def _worth_clustering(numel: int, element_size: int, bits: int) -> bool:
@@ -304,53 +311,23 @@ class KMeansClustering(Technique):
         for name, shape in uncovered_parameters(model, sites).items():
             ctx.note(f"kmeans_clustering: {name!r} {list(shape)} is not a weight matrix of a known layer kind; "
                      "left dense")
-        recorded, derived = {}, {}
+        ctx.structure["layers"] = {}  # recorded even when empty, as before the storage hook: same header bytes
         for name, site in sites.items():
             key = site.setting_key
             if site.is_derived(model):
                 ctx.note(f"kmeans_clustering: {name!r} is already computed by an earlier step's tensors; left as is")
                 continue
             bits = config.bits_for(key, site)
-            tensor = site.tensor(model)
-            if not _worth_clustering(site.numel, tensor.element_size(), bits):
+            if not _worth_clustering(site.numel, site.tensor(model).element_size(), bits):
                 ctx.note(f"kmeans_clustering: {key!r} has {site.numel} weights, too few for a "
                          f"{1 << bits}-entry codebook to save bytes; left dense")
                 continue
-            # Plain called layers keep the replacement module (its forward handles any padding mode).
-            if replaceable_layer(model, site, padding_modes=None):
-                layer = site.owner(model)
-                centroids, codes, zero_code = cluster(layer.weight, bits, config.iterations)
-                storage = choose_code_storage(codes, bits)
-                clustered = ClusteredLayer(layer, bits, zero_code, storage)
-                replace_module(model, site.module, clustered)
-                recorded[key] = {"bits": bits, "zero_code": zero_code, "storage": storage}
-            else:
-                centroids, codes, zero_code = cluster(site.matrix(model), bits, config.iterations)
-                storage = choose_code_storage(codes, bits)
-                clustered = ClusteredWeight(site, bits, zero_code, storage, tensor.dtype, tensor.device)
-                derive_weight(model, site, clustered)
-                derived[key] = {"bits": bits, "zero_code": zero_code, "storage": storage}
-            with torch.no_grad():
-                clustered.codebook.copy_(centroids.to(clustered.codebook.dtype))
-            clustered.set_codes(codes)
-        ctx.structure["layers"] = recorded
-        if derived:  # absent for a model of plain layers, so its header is the one written before sites
-            ctx.structure["derived"] = derived
+            place = ClusteredLayer if replaceable_layer(model, site, padding_modes=None) else ClusteredWeight
+            store_weight(model, site, place.from_matrix(site, site.matrix(model), bits, config.iterations), ctx)
         return model
 
     def restore_structure(self, model, config: KMeansConfig, example_inputs, structure) -> nn.Module:
-        layers = weight_layers(model)
-        for name, spec in structure.get("layers", {}).items():
-            if name not in layers:
-                raise ArtifactError(f"kmeans_clustering: clustered layer {name!r} is not a Conv/Linear layer "
-                                    "of the rebuilt model")
-            # Artifacts from before the per-layer storage choice always hold packed codes.
-            replace_module(model, name, ClusteredLayer(layers[name], int(spec["bits"]), bool(spec["zero_code"]),
-                                                       spec.get("storage", "packed")))
-        restore_derived(model, structure.get("derived", {}), self.name, "clustered weight",
-                        lambda site, spec, tensor: ClusteredWeight(site, int(spec["bits"]), bool(spec["zero_code"]),
-                                                                   spec["storage"], tensor.dtype, tensor.device))
-        return model
+        return restore_stored_weights(model, structure, self.name, ClusteredWeight, ClusteredLayer)
 
 
 @hookimpl

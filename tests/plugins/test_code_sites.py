@@ -111,7 +111,7 @@ def test_attention_packed_in_proj_and_out_proj_are_quantized(tmp_path, dequantiz
         assert torch.equal(getattr(owner, param), derived.dequantize())
     # Packed q/k/v: one scale per row of the (3E, E) matrix, so q, k and v rows never share one.
     assert attention.parametrizations.in_proj_weight[0].scale.shape == (96,)
-    assert ctx.structure["bits"] == {"head": 4}  # the only replaced layer
+    assert list(ctx.structure["layers"]) == ["head"] and ctx.structure["layers"]["head"]["bits"] == 4  # the only replaced layer
     assert "encoder.layers.0.self_attn.in_proj_weight" in ctx.structure["derived"]
     assert isinstance(model.head, WeightOnlyQuantized)
     loaded = _round_trip(task, model, ctx, WeightOnlyQuant(), config, tmp_path / "t.slim")

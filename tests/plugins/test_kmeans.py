@@ -121,7 +121,7 @@ def test_artifacts_with_packed_codes_and_no_recorded_storage_still_load(tmp_path
     model = KMEANS.apply(model, config, ctx)
     for name, spec in ctx.structure["layers"].items():
         clustered = model.get_submodule(name)
-        old = ClusteredLayer(task.teacher.get_submodule(name), 3, True, "packed")
+        old = ClusteredLayer.for_layer(task.teacher.get_submodule(name), 3, True, "packed")
         with torch.no_grad():
             old.codebook.copy_(clustered.codebook)
             old.bias.copy_(clustered.bias)
@@ -227,7 +227,7 @@ def test_inference_cache_follows_codebook_and_codes():
         first = layer(x)
     layer.codebook.data.add_(0.5)  # bypasses the version counter, like a fused optimizer step
     with torch.no_grad():
-        assert torch.equal(layer(x), F.linear(x, layer._decode(), layer.bias)) and not torch.equal(layer(x), first)
+        assert torch.equal(layer(x), F.linear(x, layer.decode(), layer.bias)) and not torch.equal(layer(x), first)
     other = copy.deepcopy(layer)
     other.set_codes(torch.zeros(layer.weight_shape, dtype=torch.int64))
     with torch.no_grad():

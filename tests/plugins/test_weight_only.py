@@ -58,6 +58,21 @@ def _grid_weight(bits: int, density: float, shape=(64, 512), seed=0) -> torch.Te
     return (levels * kept) / 128.0
 
 
+def _first_format(structure: dict) -> dict:
+    """``structure`` as the artifacts before the storage choice recorded it: the replaced layers'
+    bits, no storage (their codes were absolute levels, packed)."""
+    return {"bits": {name: spec["bits"] for name, spec in structure["layers"].items()}}
+
+
+def _pre_hook_format(structure: dict) -> dict:
+    """``structure`` as weight_only_quant recorded it before the storage hook: replaced layers'
+    bits and storage in two maps, derived sites as now."""
+    layers = structure["layers"]
+    old = {"bits": {n: spec["bits"] for n, spec in layers.items()},
+           "storage": {n: spec["storage"] for n, spec in layers.items()}}
+    return {**old, **({"derived": structure["derived"]} if "derived" in structure else {})}
+
+
 def _codes_row(layer: WeightOnlyQuantized, path) -> dict:
     """How the artifact codec stores the layer's ``codes`` buffer (layout, raw and stored bytes)."""
     write_artifact(path, {"codes": layer.codes_buffer}, {})
@@ -69,7 +84,7 @@ def _dense_codes_version(layer: WeightOnlyQuantized, original: nn.Module) -> Wei
     zero point: every position's absolute level, packed, pruned zeros included.  ``original`` is
     the float layer it replaced (only its kind and shapes are used)."""
     zero = layer.zero_point.long()[:, None] if not layer.symmetric else 1 << (layer.bits - 1)
-    old = WeightOnlyQuantized(original, layer.bits, layer.symmetric, layer.dequantize_once, absolute_codes=True)
+    old = WeightOnlyQuantized.for_layer(original, layer.bits, layer.symmetric, layer.dequantize_once, absolute_codes=True)
     with torch.no_grad():
         old.codes.copy_(pack_bits(layer.levels().long() + zero, layer.bits))
         old.scale.copy_(layer.scale)
@@ -92,7 +107,7 @@ def test_file_holds_at_most_bits_over_8_bytes_per_weight(tmp_path, bits):
     task = tiny_task()
     config = WeightOnlyQuantConfig(bits=dict.fromkeys(TINY_CNN_LAYERS, bits), keep_ends_8bit=False)
     model, ctx = compress(WeightOnlyQuant(), config, task)
-    assert ctx.structure["bits"] == dict.fromkeys(TINY_CNN_LAYERS, bits)
+    assert {name: spec["bits"] for name, spec in ctx.structure["layers"].items()} == dict.fromkeys(TINY_CNN_LAYERS, bits)
     _save(model, ctx, config, task, tmp_path / "m.slim")
     rows = {row["name"]: row for row in describe_artifact(tmp_path / "m.slim")["tensors"]}
     teacher = dict(task.teacher.named_modules())
@@ -102,7 +117,7 @@ def test_file_holds_at_most_bits_over_8_bytes_per_weight(tmp_path, bits):
         assert {k for k in rows if k.startswith(f"{name}.")} == {f"{name}.relative_codes", f"{name}.scale",
                                                                 f"{name}.bias"}
         # The storage form is the one the codec makes smaller, and it is recorded for restore_structure.
-        codes, storage = rows[f"{name}.relative_codes"], ctx.structure["storage"][name]
+        codes, storage = rows[f"{name}.relative_codes"], ctx.structure["layers"][name]["storage"]
         assert storage == layer.storage == choose_code_storage(_relative_codes(layer), bits)
         packed_bytes = math.ceil(weight.numel() * bits / 8)
         assert codes["dtype"] == "uint8"
@@ -161,7 +176,7 @@ def test_an_all_zero_layer_stores_no_codes(tmp_path, symmetric):
     assert torch.equal(layer.dequantize(), torch.zeros(16, 40))
     codes = _codes_row(layer, tmp_path / "zeros.slim")
     assert codes["encoding"] == "zeros" and codes["stored_bytes"] == 0
-    rebuilt = WeightOnlyQuantized(linear, 4, symmetric, storage=layer.storage)
+    rebuilt = WeightOnlyQuantized.for_layer(linear, 4, symmetric, storage=layer.storage)
     rebuilt.load_state_dict(layer.state_dict())
     x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
     assert torch.equal(rebuilt(x), layer(x)) and torch.equal(rebuilt(x), linear(x))
@@ -208,9 +223,9 @@ def test_artifacts_with_absolute_packed_codes_and_no_recorded_storage_still_load
     x = task.split("val")[:][0][:32]
     with torch.inference_mode():
         expected = model(x)
-    for name in ctx.structure["bits"]:
+    for name in ctx.structure["layers"]:
         replace_module(model, name, _dense_codes_version(model.get_submodule(name), task.teacher.get_submodule(name)))
-    del ctx.structure["storage"]
+    ctx.structure = _first_format(ctx.structure)
     _save(model, ctx, config, task, tmp_path / "old.slim", steps=(PlanStep("magnitude_pruning", {}),))
     rows = {row["name"]: row for row in describe_artifact(tmp_path / "old.slim")["tensors"]}
     assert rows["6.codes"]["shape"] == [32 * 144 * 4 // 8]
@@ -220,6 +235,22 @@ def test_artifacts_with_absolute_packed_codes_and_no_recorded_storage_still_load
         assert torch.equal(loaded(x), expected)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_artifacts_written_before_the_storage_hook_still_load(tmp_path, symmetric):
+    # Before the storage hook, replaced layers were recorded as two maps, ``bits`` and ``storage``
+    # (relative codes, in the recorded form); the state_dict was the same.
+    task = tiny_task()
+    config, ctx = WeightOnlyQuantConfig(bits={"3": 2, "6": 4}, symmetric=symmetric), TechniqueContext(task=task)
+    model = WeightOnlyQuant().apply(copy.deepcopy(task.teacher), config, ctx).eval()
+    ctx.structure = _pre_hook_format(ctx.structure)
+    _save(model, ctx, config, task, tmp_path / "pre-hook.slim")
+    loaded = load_model(tmp_path / "pre-hook.slim", Plugins(load_entry_points=False).registry).model
+    assert isinstance(loaded.get_submodule("6"), WeightOnlyQuantized) and not loaded.get_submodule("6").absolute_codes
+    x = task.split("val")[:][0][:32]
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_a_reader_that_expects_absolute_codes_refuses_relative_ones(tmp_path):
     # An older slimforge ignores the recorded storage and builds absolute packed ``codes`` buffers;
     # dropping the record reads the file the way it would.  Layers whose relative codes are packed
@@ -227,8 +258,8 @@ def test_a_reader_that_expects_absolute_codes_refuses_relative_ones(tmp_path):
     task = tiny_task()
     config, ctx = WeightOnlyQuantConfig(bits={"3": 2, "6": 4}), TechniqueContext(task=task)
     model = WeightOnlyQuant().apply(copy.deepcopy(task.teacher), config, ctx).eval()
-    assert "packed" in ctx.structure["storage"].values()
-    del ctx.structure["storage"]
+    assert "packed" in {spec["storage"] for spec in ctx.structure["layers"].values()}
+    ctx.structure = _first_format(ctx.structure)
     _save(model, ctx, config, task, tmp_path / "new.slim")
     with pytest.raises(ArtifactError, match="tensors do not fit"):
         load_model(tmp_path / "new.slim", Plugins(load_entry_points=False).registry)
@@ -325,7 +356,7 @@ def test_pruned_then_quantized_round_trip_is_bitwise(tmp_path, symmetric):
         if isinstance(module, WeightOnlyQuantized):
             assert torch.equal(module.weight_cache, module.dequantize())  # cache follows the loaded codes
             assert "weight_cache" not in module.state_dict()
-            assert module.storage == ctx.structure["storage"][name]  # rebuilt in the form it was saved
+            assert module.storage == ctx.structure["layers"][name]["storage"]  # rebuilt in the form it was saved
     assert (loaded.get_submodule("6").weight_cache == 0).float().mean() == pytest.approx(0.6, abs=0.01)
 
 

@@ -121,3 +121,43 @@ def test_budgets_to_dict_keeps_the_parsed_values():
     budgets = Budgets.parse(max_size="150KB", min_accuracy=0.97)
     data = budgets.to_dict()
     assert (data["max_size_bytes"], data["max_latency_ms"], data["min_accuracy"]) == (150_000, None, 0.97)
+
+
+def test_an_accuracy_drop_finer_than_the_split_warns_with_its_resolution():
+    # 39 validation examples: one error costs 2.56 pt, so a 2 pt drop allows none.
+    warning = Budgets.parse(max_accuracy_drop="2pt").resolution_warning(39, "balanced_accuracy")
+    assert warning is not None and "\n" not in warning
+    assert "2 pt" in warning and "balanced_accuracy over 39 predictions" in warning and "2.56 pt" in warning
+    assert Budgets.parse(max_accuracy_drop="3pt").resolution_warning(39) is None  # one error allowed
+    assert Budgets.parse(max_accuracy_drop="0pt").resolution_warning(39) is None  # "no extra error" is meant
+    assert Budgets.parse(min_accuracy="0.9").resolution_warning(39) is None
+
+
+def test_scored_predictions_count_examples_or_scored_tokens():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from slimforge.core.outputs import IGNORE_INDEX
+    from slimforge.search.budgets import scored_predictions
+
+    images = TensorDataset(torch.zeros(39, 1, 8, 8), torch.zeros(39, dtype=torch.int64))
+    assert scored_predictions(images) == 39
+    tokens = torch.ones(4, 16, dtype=torch.int64)
+    tokens[0, :6] = IGNORE_INDEX  # padding is not scored
+    assert scored_predictions(TensorDataset(tokens, tokens)) == 4 * 16 - 6
+    assert scored_predictions([(torch.zeros(3), torch.tensor(1)), (torch.zeros(3), torch.tensor(0))]) == 2
+
+
+def test_a_search_warns_at_start_when_the_drop_budget_is_finer_than_its_split(tiny_task, tmp_path, capsys):
+    from slimforge.app.api import SearchSettings, run_search
+    from slimforge.core.measure import LatencySettings
+
+    settings = SearchSettings(trials=1, seed=0, techniques=("int8_ptq",), study="fine", out_dir=tmp_path / "out",
+                              tracking=False, progress=False, latency=LatencySettings(warmup=1, repeats=3))
+    run_search(tiny_task, Budgets.parse(max_accuracy_drop="0.5pt"), settings)  # 128 examples: 0.781 pt each
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "finer than the validation split resolves" in line]
+    assert len(lines) == 1 and "accuracy over 128 predictions moves in steps of 0.781 pt" in lines[0]
+    printed = err.splitlines()
+    baseline = next(i for i, line in enumerate(printed) if line.startswith("baseline (uncompressed)"))
+    assert printed[baseline + 1] == lines[0]  # at start: right under the baseline and budgets

@@ -137,3 +137,35 @@ def test_runs_follow_mlflow_conventions(tiny_task, tmp_path, monkeypatch, capsys
     assert "Created version" not in err and "database tables" not in err
     log = (tmp_path / "out" / LOG_FILE).read_text()
     assert "Creating initial MLflow database tables" in log and "Created version '1' of model 'tiny-compressed'" in log
+
+
+@pytest.mark.slow  # MLflow creates its store
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_tasks_metric_name_reaches_mlflow(tiny_task, tmp_path, monkeypatch):
+    """A task whose metric is next-token accuracy: the parent and trial runs carry it under that
+    name (and the generic ``accuracy`` key promotion reads), and the parent says which metric it is."""
+    import dataclasses
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    task = dataclasses.replace(tiny_task, metric_name="next_token_accuracy")
+    settings = SearchSettings(study="named", out_dir=tmp_path / "out", tracking_uri=uri, progress=False).resolved("tiny")
+    baseline = Measurements(accuracy=0.25, size_bytes=10_000, latency_ms=0.1)
+    tracker = MlflowTracker(tracking_uri=uri, experiment="slimforge", registered_model="tiny-compressed")
+    tracker.slimforge_search_start(settings=settings.to_dict() | {"budgets": Budgets().to_dict()}, task=task,
+                                   baseline=baseline)
+    tracker.slimforge_trial_end(_record(0, 0.125, 900))
+    tracker.slimforge_search_end(result=SearchResult(
+        study_name="named", task="tiny", budgets={}, baseline=baseline, baseline_test=baseline,
+        trials=[_record(0, 0.125, 900)], pareto=[], settings=settings.to_dict()))
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("slimforge")
+    runs = {r.data.tags.get("trial", "parent"): r for r in client.search_runs(
+        [experiment.experiment_id], f"tags.`slimforge.search_id` = '{tracker.search_id}'")}
+    parent, trial = runs["parent"].data, runs["0"].data
+    assert parent.tags["metric_name"] == "next_token_accuracy"
+    assert parent.metrics["next_token_accuracy_baseline"] == parent.metrics["accuracy_baseline"] == 0.25
+    assert trial.metrics["next_token_accuracy"] == trial.metrics["accuracy"] == 0.125

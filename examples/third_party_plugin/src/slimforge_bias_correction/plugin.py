@@ -17,8 +17,8 @@ overshoots at low bit widths.
 
 What it can correct: a layer of the teacher (a plain Conv1d/Conv2d/Linear) whose module in the
 compressed model, at the same name, computes ``op(x, W') + b`` with a float bias it can write --
-one of ``slimforge.plugins.api.BIAS_LAYERS`` (plain Conv/Linear, weight_only_quant's and
-kmeans_clustering's layers), or an ``nn.Sequential`` ending in one of those (low_rank_factorization's
+one of ``slimforge.plugins.api.BIAS_LAYERS`` (plain Conv/Linear and every ``StoredLayer``:
+weight_only_quant's and kmeans_clustering's layers), or an ``nn.Sequential`` ending in one of those (low_rank_factorization's
 ``Sequential(Linear(in, r), Linear(r, out))``: the last layer's bias shifts the pair's output).  A
 layer without a bias gets one (recorded in the artifact header, so loading rebuilds it).  Layers
 whose output shape differs from the teacher's (structured pruning, a distilled student) are
