@@ -356,8 +356,12 @@ def run_trials(ctx, spec: WorkerSpec) -> None:
     from ray import tune
 
     settings = ctx.settings
+    import optuna
+
     loop = TrialLoop(ctx)
-    remaining = loop.remaining()
+    # Queued trials (expert seeds) already count toward the total, and Tune's asks take them first.
+    queued = len(ctx.backend.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    remaining = loop.remaining() + queued
     if remaining == 0:
         loop.close()
         return
