@@ -3,6 +3,8 @@ authentication and a second ``ray start --address ...`` node, both on this machi
 dirs, ports and a custom resource on the second node), and ``slimforge search --backend ray
 --ray-address HEAD`` run as a user types it.
 
+- the search logs to a real ``mlflow server`` over HTTP (SQL backend, served artifacts): the
+  parent run FINISHED, one run per trial, the registered Pareto members;
 - trials land on both nodes (each record names its node) and every artifact reaches the driver
   through Ray: the second node's Ray workers get their own TMPDIR, and the test checks that every
   record points into the driver's artifact folder, that those files exist there, and that no file
@@ -24,12 +26,17 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import sf_testing_models
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracking"))  # the tracking tests' server helper
+from sf_mlflow_server import MlflowServer  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
 ray = pytest.importorskip("ray")
@@ -91,8 +98,8 @@ def _ray_start(args: list[str], env: dict) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, subprocess_env):
-    """A two-node Ray cluster with token authentication; yields (head address, env with the token,
-    env without it, the second node's worker TMPDIR)."""
+    """A two-node Ray cluster with token authentication and an MLflow tracking server: the head
+    address, the env with the token, the env without it, the second node's worker TMPDIR, the server."""
     root = Path(f"/tmp/sf-raytest-{secrets.token_hex(4)}")  # short: Ray's socket paths must fit 107 bytes
     token = root / "token"
     root.mkdir()
@@ -105,14 +112,18 @@ def cluster(tmp_path_factory, subprocess_env):
     address = f"127.0.0.1:{port}"
     common = ["--num-cpus", "1", "--disable-usage-stats", "--dashboard-agent-listen-port"]
     markers = [str(root / "head"), str(root / "node2")]
+    server = MlflowServer(root / "mlflow", _free_port())  # starts while the nodes start
     try:
         _ray_start(["--head", "--include-dashboard", "false", "--port", str(port), "--temp-dir", str(root / "head"), *common, str(_free_port())],
                    with_token)
         _ray_start(["--address", address, "--temp-dir", str(root / "node2"), "--resources",
                     json.dumps({"slimforge_test_node2": 1}), *common, str(_free_port())],
                    with_token | {"TMPDIR": str(node2_tmp)})
-        yield address, with_token, base, node2_tmp
+        server.wait_healthy()
+        yield SimpleNamespace(address=address, with_token=with_token, without_token=base, node2_tmp=node2_tmp,
+                              server=server)
     finally:
+        server.stop()
         _stop_nodes(markers)
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
@@ -131,8 +142,10 @@ def _search(slimforge_cmd, tmp_path: Path, address: str, env: dict, trials: int,
 
 
 def test_two_node_search_spreads_trials_and_ships_every_artifact(cluster, slimforge_cmd, tmp_path):
-    address, env, _, node2_tmp = cluster
-    proc, out, _ = _search(slimforge_cmd, tmp_path, address, env, 4, "--no-tracking")
+    from mlflow.tracking import MlflowClient
+
+    proc, out, _ = _search(slimforge_cmd, tmp_path, cluster.address, cluster.with_token, 4,
+                           "--tracking-uri", cluster.server.uri)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     trials = summary["trials"]
@@ -150,9 +163,21 @@ def test_two_node_search_spreads_trials_and_ships_every_artifact(cluster, slimfo
         assert path.stat().st_size == t["measurements"]["size_bytes"]
     # The second node's Ray workers wrote their artifacts under their own TMPDIR; the files there
     # were deleted once shipped, so what the driver measured on test came through Ray.
-    worker_dirs = list(node2_tmp.glob("slimforge-ray-trials-*"))
+    worker_dirs = list(cluster.node2_tmp.glob("slimforge-ray-trials-*"))
     assert not [p for d in worker_dirs for p in d.rglob("*") if p.is_file()]
-    assert all(m.get("test_measurements") for m in summary["pareto"])
+    assert summary["pareto"] and all(m.get("test_measurements") for m in summary["pareto"])
+
+    # Tracked over HTTP: the parent run finished, one run per trial, the registered members' versions.
+    client = MlflowClient(tracking_uri=cluster.server.uri, registry_uri=cluster.server.uri)
+    experiment = client.get_experiment_by_name("slimforge")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # uploaded through the server
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`slimforge.kind` = 'search'")
+    assert parent.info.run_id == summary["links"]["mlflow_parent_run_id"] and parent.info.status == "FINISHED"
+    runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_id for r in runs) == sorted(t["links"]["mlflow_run_id"] for t in trials)
+    versions = client.search_model_versions("name='tiny-compressed'")
+    assert sorted(int(v.version) for v in versions) == sorted(
+        m["links"]["model_version"] for m in summary["pareto"] if "model_version" in m["links"])
 
 
 @pytest.mark.parametrize("token_env, cause", [
@@ -162,9 +187,9 @@ def test_two_node_search_spreads_trials_and_ships_every_artifact(cluster, slimfo
 ])
 def test_a_missing_or_wrong_token_is_one_line_within_ten_seconds(cluster, slimforge_cmd, tmp_path, token_env,
                                                                  cause):
-    address, _, without_token, _ = cluster
+    address = cluster.address
     tracking = tmp_path / "mlflow"
-    env = without_token | token_env | {"HOME": str(tmp_path)}  # no ~/.ray/auth_token to fall back on
+    env = cluster.without_token | token_env | {"HOME": str(tmp_path)}  # no ~/.ray/auth_token to fall back on
     proc, out, seconds = _search(slimforge_cmd, tmp_path, address, env, 2, "--tracking-uri", tracking.as_uri())
     assert proc.returncode == 2
     assert seconds < 10, seconds
