@@ -208,6 +208,10 @@ def cmd_search(args) -> int:
     settings.check_out_dir()
     if "task" in file_config and args.task:
         raise ConfigError("--task and a [task] table in --config both name a task; keep one")
+    if settings.backend == "ray":  # join the cluster before the task loads: a refusal costs seconds
+        from slimforge.search.backends.ray import connect
+
+        connect(settings)
 
     from slimforge.app.api import make_plugins, run_search
     from slimforge.core.task import load_task, task_from_table

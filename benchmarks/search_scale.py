@@ -14,8 +14,16 @@
 3. Sampler quality: hypervolume of the feasible front after N trials with the default sampler
    (multivariate TPE with constraints) and with Optuna's RandomSampler, same seeds and budgets
    (``--hv-seeds`` seeds each; the ratio of the means is printed).
+4. Shared study store (``--store-only`` runs this part alone): trials/s of one study shared by 1, 4
+   and 16 processes, on SQLite (the default file store) and on PostgreSQL (``--postgres-url``).
+   Each process makes slimforge's own bookkeeping calls for every trial (``OptunaBackend.ask``,
+   ``study.claim_trial`` with its heartbeat lease, ``study.finish_trial``: pending record, tell,
+   constraints) around a tiny trial that does no work, so the figure is the store's ceiling; a
+   process that the store fails (SQLite's "database is locked") is counted, and the study is
+   checked for lost or duplicated trials.
 
     python benchmarks/search_scale.py --trials 12 --hv-trials 40
+    python benchmarks/search_scale.py --store-only --postgres-url postgresql+psycopg://USER@HOST:PORT/DB
 """
 
 from __future__ import annotations
@@ -96,6 +104,85 @@ def machine_ceiling(repeats: int, root: Path) -> tuple[float, float, float]:
     return alone, together, 2 * alone / together - 1
 
 
+class _NoTrackers:
+    def trial_end(self, record) -> None:
+        pass
+
+
+def _store_trials(storage: str, study: str, total: int, barrier, queue) -> None:
+    """In a spawned process: claim and finish no-work trials until the study holds ``total``;
+    puts (trials finished here, error or None)."""
+    from slimforge.core.measure import Measurements
+    from slimforge.search.backends.optuna import OptunaBackend
+    from slimforge.search.records import COMPLETE, TrialRecord
+    from slimforge.search.study import claim_trial, counted, finish_trial
+
+    done = 0
+    try:
+        backend = OptunaBackend(storage=storage, study_name=study, seed=0, budgets=Budgets(),
+                                close_interrupted=False, sampler_name="random")
+        barrier.wait()
+        while counted(backend.study) < total:
+            trial = backend.ask()
+            if not claim_trial(backend.study, trial, total):
+                break
+            finish_trial(backend, _NoTrackers(), trial, TrialRecord(
+                number=trial.number, state=COMPLETE, plan={}, plan_text="", feasible=True,
+                measurements=Measurements(accuracy=0.5, size_bytes=1000 + trial.number, latency_ms=1.0)))
+            done += 1
+    except Exception as exc:  # noqa: BLE001 - the store failed this process: count it, report why
+        queue.put((done, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"))
+        return
+    queue.put((done, None))
+
+
+def store_throughput(storage: str, processes: int, total: int) -> dict:
+    """Trials/s of ``processes`` processes sharing one new study on ``storage``, from the moment all
+    of them are ready to the last one's exit; plus what the study holds afterwards."""
+    import multiprocessing as mp
+
+    import optuna
+
+    from slimforge.search.backends.optuna import OptunaBackend
+    from slimforge.search.study import SURPLUS_ATTR
+
+    study = f"store-{processes}-{time.time_ns()}"
+    OptunaBackend(storage=storage, study_name=study, seed=0, budgets=Budgets(), sampler_name="random")
+    context = mp.get_context("spawn")
+    barrier, queue = context.Barrier(processes + 1), context.Queue()
+    workers = [context.Process(target=_store_trials, args=(storage, study, total, barrier, queue))
+               for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    barrier.wait()
+    started = time.perf_counter()
+    results = [queue.get() for _ in workers]
+    wall = time.perf_counter() - started
+    for worker in workers:
+        worker.join()
+    trials = [t for t in optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+              if not t.user_attrs.get(SURPLUS_ATTR)]
+    complete = [t.number for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return {"processes": processes, "complete": len(complete), "wall": wall, "per_s": len(complete) / wall,
+            "intact": sorted(complete) == list(range(total)),
+            "errors": [error for _, error in results if error]}
+
+
+def store_benchmark(root: Path, postgres_url: str | None, total: int) -> None:
+    stores = [("sqlite", f"sqlite:///{root / 'store.db'}")] + ([("postgresql", postgres_url)] if postgres_url else [])
+    print(f"Shared study store ({total} no-work trials per study; slimforge's ask/claim/finish calls per trial)")
+    print(f"{'store':<10} {'processes':>9} {'complete':>8} {'wall s':>7} {'trials/s':>8} {'intact':>6}  failed processes")
+    for name, url in stores:
+        for processes in (1, 4, 16):
+            r = store_throughput(url, processes, total)
+            print(f"{name:<10} {processes:>9} {r['complete']:>8} {r['wall']:>7.1f} {r['per_s']:>8.1f} "
+                  f"{'yes' if r['intact'] else 'NO':>6}  {len(r['errors'])}"
+                  + (f" ({r['errors'][0]})" if r["errors"] else ""))
+    if not postgres_url:
+        print("(no --postgres-url: PostgreSQL not measured)")
+    print("intact: the study's counted trials are exactly 0..N-1, all COMPLETE\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=12, help="trials per throughput run")
@@ -103,7 +190,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hv-seeds", type=int, default=1, help="seeds per sampler for the hypervolume comparison")
     parser.add_argument("--ceiling-trials", type=int, default=6, help="fixed trials per process for the ceiling")
+    parser.add_argument("--store-only", action="store_true", help="run only the shared study store comparison")
+    parser.add_argument("--store-trials", type=int, default=160, help="trials per study in the store comparison")
+    parser.add_argument("--postgres-url", help="a PostgreSQL database for the store comparison "
+                                               "(postgresql+psycopg://USER@HOST:PORT/DB)")
     args = parser.parse_args()
+    if args.store_only:
+        store_benchmark(Path(tempfile.mkdtemp(prefix="sf-search-scale-")), args.postgres_url, args.store_trials)
+        return
     task = load_task()
     root = Path(tempfile.mkdtemp(prefix="sf-search-scale-"))
 
@@ -152,6 +246,8 @@ def main() -> None:
         wins = sum(t > r for t, r in zip(volumes["tpe"], volumes["random"]))
         print(f"TPE / random mean hypervolume: {tpe:.4f} / {random:.4f} = {tpe / random:.2f}x (target >= 1.2x); "
               f"TPE higher in {wins} of {len(volumes['tpe'])} seeds")
+    print()
+    store_benchmark(root, args.postgres_url, args.store_trials)
 
 
 if __name__ == "__main__":

@@ -44,10 +44,11 @@ def run_search(task: Task, budgets: Budgets, settings: SearchSettings = SearchSe
     from slimforge.search.backends.optuna import OptunaBackend
 
     if settings.backend == "ray":
-        from slimforge.search.backends.ray import require_ray
+        from slimforge.search.backends.ray import connect, require_ray
 
         require_ray()  # fail in a second, not after the baseline is measured
         require_rebuildable(task.source, "--backend ray")
+        connect(settings)  # join the cluster now: a cluster that refuses us leaves no study or parent run
     if settings.uses_worker_processes:
         require_rebuildable(task.source, "--workers/--trial-timeout/--trial-memory-limit")
     _check_device(settings)  # the baseline is measured here, on the target device

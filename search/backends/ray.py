@@ -18,7 +18,19 @@ How it maps onto Ray (checked against Ray 2.60's ``ray.tune.search.optuna.Optuna
   objective values.
 - **Cluster.**  ``--ray-address auto`` (or ``host:6379``) from a node of the cluster.  Ray Client
   (``ray://``) is refused: through it Tune runs the search loop on the head node, away from this
-  process's study, trackers and progress bar.
+  process's study, trackers and progress bar.  ``connect`` joins the cluster before anything is
+  written (no baseline, study or MLflow run yet): it probes the head's GCS itself, so a cluster
+  that is not there, or that refuses this process's token, is one line naming the cause and the
+  fix within seconds, where ``ray.init`` retries for ~20 s and then raises a bare
+  ``ConnectionError``.  Token authentication is Ray's own: ``RAY_AUTH_MODE=token`` and the
+  cluster's token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) in the
+  environment of every ``ray start`` and of the driver; Ray workers inherit it from their node.
+- **No shared filesystem.**  A trial writes its artifact to a directory local to its Ray worker,
+  sends the bytes through Ray's object store to an ``ArtifactInbox`` actor pinned to the driver's
+  node, which writes them into the search's artifact folder, and deletes its local copy.  The
+  record that comes back (through Tune's result) names the driver-side path, and the Ray node it
+  ran on (``links["ray_node_id"]``, ``links["ray_node_ip"]``).  The driver never reads a path
+  written on another node.
 - **Trainable.**  A function trainable builds its runner from the search's ``WorkerSpec`` (the
   task rebuilt from ``Task.source``) once per Ray worker process, runs the plan and reports the
   record.  Resources per trial: ``--cpus-per-trial``,
@@ -42,8 +54,10 @@ import logging
 import math
 import os
 import socket
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from slimforge.core.errors import ConfigError, MissingDependencyError
@@ -100,15 +114,36 @@ def _make_runner_class():
 def _runner(worker: dict[str, Any]):
     key = json.dumps(worker, sort_keys=True)
     if key not in _RUNNERS:
-        runner = WorkerSpec.from_dict(worker["spec"]).build_runner(runner_class=_make_runner_class())
+        # Artifacts are written here, on this worker's node, and shipped to the driver's inbox: the
+        # search's artifact folder is a path on the driver's node, which this node may not have.
+        local_dir = tempfile.TemporaryDirectory(prefix="slimforge-ray-trials-")  # removed with the runner
+        spec = dataclasses.replace(WorkerSpec.from_dict(worker["spec"]), artifact_dir=local_dir.name)
+        runner = spec.build_runner(runner_class=_make_runner_class())
+        runner.local_dir = local_dir
         runner.report_epochs = worker["report_epochs"]
         _RUNNERS.clear()  # a reused process serves one search at a time
         _RUNNERS[key] = runner
     return _RUNNERS[key]
 
 
-def trainable(config: dict[str, Any], worker: dict[str, Any]) -> None:
-    """One Ray Tune trial: the plan from the searcher, run by this worker's ``TrialRunner``."""
+def _ship_artifact(record: TrialRecord, inbox) -> None:
+    """Send the trial's artifact to the driver's inbox; the record then names the driver's copy,
+    and the local file is gone (nothing on this node is left for anyone to read)."""
+    import ray
+
+    if not record.artifact_path:
+        return
+    local = Path(record.artifact_path)
+    try:
+        record.artifact_path = ray.get(inbox.put.remote(local.name, local.read_bytes()))
+    finally:
+        local.unlink(missing_ok=True)
+
+
+def trainable(config: dict[str, Any], worker: dict[str, Any], inbox=None) -> None:
+    """One Ray Tune trial: the plan from the searcher, run by this worker's ``TrialRunner``; its
+    artifact goes to the driver through ``inbox`` (an ``ArtifactInbox`` actor)."""
+    import ray
     from ray import tune
 
     payload = json.loads(config[CONFIG_KEY])
@@ -123,6 +158,9 @@ def trainable(config: dict[str, Any], worker: dict[str, Any]) -> None:
     else:
         runner.history = [record_from_dict(r) for r in payload["history"]]
         record = runner.run(plan, number)
+        _ship_artifact(record, inbox)
+    context = ray.get_runtime_context()
+    record.links.update(ray_node_id=context.get_node_id(), ray_node_ip=ray.util.get_node_ip_address())
     m = record.measurements
     final_score = m.accuracy if m is not None else (record.epoch_scores[-1] if record.epoch_scores else math.nan)
     tune.report({"final": True, "record": json.dumps(record.to_dict()), "state": record.state,
@@ -132,6 +170,29 @@ def trainable(config: dict[str, Any], worker: dict[str, Any]) -> None:
 
 
 # --- driver side ---------------------------------------------------------------------------------
+
+class ArtifactInbox:
+    """Runs as a Ray actor on the driver's node (``num_cpus=0``: it takes no trial's slot) and
+    writes the artifact bytes that trials send into the search's artifact folder there."""
+
+    def __init__(self, artifact_dir: str):
+        self.artifact_dir = Path(artifact_dir)
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+
+    def put(self, name: str, data: bytes) -> str:
+        path = self.artifact_dir / Path(name).name  # a bare file name: nothing is written elsewhere
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(data)
+        partial.replace(path)  # atomic: the driver never sees half a file
+        return str(path)
+
+
+def _start_inbox(ray, artifact_dir: str):
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(ArtifactInbox).options(scheduling_strategy=here).remote(artifact_dir)
+
 
 def _history_for_workers(records: list[TrialRecord]) -> list[dict]:
     """What the early-stopping dominance rule reads: feasible complete trials, measurements only."""
@@ -209,25 +270,89 @@ def _searcher_class():
         def restore(self, checkpoint_path: str) -> None:
             pass
 
+        def __getstate__(self):
+            # Tune also pickles the searcher into OUT/ray/<study>/tuner.pkl for Tuner.restore; the
+            # loop behind it (storage connections, trackers, the terminal stream) need not pickle,
+            # and under a captured stream (pytest) cannot.
+            return {}
+
     return SlimforgeSearch
 
 
-def _init_ray(settings):
-    """Connect to ``--ray-address`` / ``$RAY_ADDRESS``, else start a local Ray on every CPU.
-    Returns True when this call started Ray (and should shut it down)."""
+_JOINED: list[bool] = []  # [True] once ``connect`` started or joined a Ray that ``run_trials`` shuts down
+
+GCS_PROBE_TIMEOUT_S = 3  # a listening head answers in milliseconds
+TOKEN_FIX = ("set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+             "~/.ray/auth_token; `ray get-auth-token` on the head prints it) in this shell")
+
+
+def connect(settings) -> None:
+    """Join ``--ray-address`` / ``$RAY_ADDRESS`` (after ``probe_cluster``), else start a local Ray
+    on every CPU; a Ray the caller started with ``ray.init`` is used as it is.  Called before the
+    search writes anything, so a cluster that cannot be joined leaves nothing behind."""
     ray = require_ray()
     if ray.is_initialized():  # the caller's own ray.init (e.g. with fewer CPUs): use it as it is
-        return False
+        return
     address = settings.ray_address or os.environ.get("RAY_ADDRESS")
+    source = "--ray-address" if settings.ray_address else "$RAY_ADDRESS"
     if address and address.startswith("ray://"):
-        raise ConfigError(RAY_CLIENT_REFUSED.format(source="--ray-address" if settings.ray_address else "$RAY_ADDRESS"))
+        raise ConfigError(RAY_CLIENT_REFUSED.format(source=source))
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                   configure_logging=True)
     if address:
-        ray.init(address=address, **common)
+        ray.init(address=probe_cluster(address, source), **common)
     else:
         ray.init(num_cpus=os.cpu_count(), **common)
-    return True
+    _JOINED[:] = [True]
+
+
+def _token_here() -> bool:
+    """Whether Ray would find a token in this process (its order: ``$RAY_AUTH_TOKEN``, the file
+    ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``); an unreadable or empty file counts as none."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
+    try:
+        return bool(path.read_text().strip())
+    except OSError:
+        return False
+
+
+def probe_cluster(address: str, source: str) -> str:
+    """The head's ``host:port`` for ``address`` once its GCS has answered this process, or a
+    one-line ``ConfigError`` naming why not (no cluster, nothing listening, token missing or
+    refused) and the fix."""
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        resolved = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as exc:
+        raise ConfigError(f"{source} {address}: no Ray cluster to join ({(str(exc).splitlines() or [''])[0]}); "
+                          "start one with `ray start --head` or give the head's HOST:6379") from None
+    if resolved is None:
+        raise ConfigError(f"{source} {address}: no Ray cluster to join; start one with `ray start --head`")
+    if os.environ.get("RAY_AUTH_MODE") == "token" and not _token_here():  # Ray's client would abort the process
+        raise ConfigError(f"{source} {address}: RAY_AUTH_MODE=token but this process has no token: {TOKEN_FIX}")
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=GCS_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"{source} {address}: nothing is listening at {resolved} ({exc.strerror or exc}); start the "
+                          f"head there with `ray start --head --port {port}` or give the head's HOST:PORT") from None
+    try:
+        GcsClient(address=resolved).internal_kv_get(b"session_name", namespace=b"session",
+                                                    timeout=GCS_PROBE_TIMEOUT_S)
+    except AuthenticationError as exc:
+        cause = ("refused this process's token (not the cluster's)" if os.environ.get("RAY_AUTH_MODE") == "token"
+                 else "requires token authentication and RAY_AUTH_MODE is not 'token' here")
+        raise ConfigError(f"{source} {address}: the Ray cluster at {resolved} {cause}: {TOKEN_FIX}") from exc
+    except Exception as exc:  # noqa: BLE001 - a GCS that does not answer in time
+        raise ConfigError(f"{source} {address}: the Ray head at {resolved} did not answer "
+                          f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}); "
+                          "check `ray status` on the head") from None
+    return resolved
 
 
 def run_trials(ctx, spec: WorkerSpec) -> None:
@@ -237,13 +362,18 @@ def run_trials(ctx, spec: WorkerSpec) -> None:
     from ray import tune
 
     settings = ctx.settings
+    import optuna
+
     loop = TrialLoop(ctx)
-    remaining = loop.remaining()
+    # Queued trials (expert seeds) already count toward the total, and Tune's asks take them first.
+    queued = len(ctx.backend.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    remaining = loop.remaining() + queued
     if remaining == 0:
         loop.close()
         return
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables; our bar reports progress
-    started_ray = _init_ray(settings)
+    connect(settings)  # run_search has already joined; this covers callers that have not
+    inbox = None
     try:
         cluster = ray.cluster_resources()
         if settings.gpus_per_trial > 0 and cluster.get("GPU", 0) < settings.gpus_per_trial:
@@ -255,6 +385,7 @@ def run_trials(ctx, spec: WorkerSpec) -> None:
         # Threads as granted: N trials on N cores with default threads slow training many times over.
         spec = dataclasses.replace(spec, torch_threads=max(1, int(settings.cpus_per_trial)))
         worker = {"spec": spec.to_dict(), "report_epochs": settings.scheduler == "asha"}
+        inbox = _start_inbox(ray, spec.artifact_dir)
         scheduler = None
         if settings.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
@@ -273,7 +404,7 @@ def run_trials(ctx, spec: WorkerSpec) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Ray's deprecation chatter would bury the progress bar
             tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(trainable, worker=worker), resources),
+                tune.with_resources(tune.with_parameters(trainable, worker=worker, inbox=inbox), resources),
                 tune_config=tune.TuneConfig(search_alg=_searcher_class()(loop), scheduler=scheduler,
                                             num_samples=remaining),
                 run_config=tune.RunConfig(name=settings.study, storage_path=str((settings.out_dir / "ray").resolve()),
@@ -282,5 +413,8 @@ def run_trials(ctx, spec: WorkerSpec) -> None:
             tuner.fit()
     finally:
         loop.close()
-        if started_ray:
+        if inbox is not None:
+            ray.kill(inbox)
+        if _JOINED:
+            _JOINED.clear()
             ray.shutdown()
