@@ -18,4 +18,5 @@ BUILTIN_PLUGINS = (
     "slimforge.plugins.factorization.low_rank",
     "slimforge.plugins.sharing.kmeans",
     "slimforge.plugins.sharing.cosine_merge",
+    "slimforge.plugins.oneshot.gptq",
 )
