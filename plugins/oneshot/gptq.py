@@ -114,6 +114,31 @@ def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
 
 
+def without_dead_inputs(W: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of ``hessian`` whose all-zero inputs (they multiply nothing in calibration)
+    get diagonal 1, their columns of ``W`` zeroed in place: the reference implementations' rule."""
+    H = hessian.to(device=W.device, dtype=torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return H
+
+
+def inverse_hessian_factor(H: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+    """The upper Cholesky factor of ``(H + lambda I)^-1`` with ``lambda = damping * mean(diag H)``,
+    and the damping used: one that leaves the matrix not positive definite is retried 10x larger."""
+    mean_diagonal, identity = torch.diag(H).mean(), torch.eye(H.shape[0], device=H.device)
+    used = damping
+    while used <= 1e3:
+        factor, info = torch.linalg.cholesky_ex(H + used * mean_diagonal * identity)
+        if not info:
+            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if not info:
+                return inverse, used
+        used *= 10
+    raise torch.linalg.LinAlgError("the calibration Hessian stays singular after damping")
+
+
 def gptq_quantize(matrix: torch.Tensor, hessian: torch.Tensor | None, bits: int, group_size: int, symmetric: bool,
                   damping: float, act_order: bool, block_columns: int = BLOCK_COLUMNS):
     """GPTQ on one ``out x in`` matrix: ``(absolute codes int64, scale, zero_point, damping used)``.
@@ -128,24 +153,11 @@ def gptq_quantize(matrix: torch.Tensor, hessian: torch.Tensor | None, bits: int,
     if hessian is None:
         codes = torch.where(pruned, zero_cols, round_to_grid(W, scale_cols, zero_cols, bits))
         return codes.to(torch.int64), scale, zero, 0.0
-    H = hessian.to(device=W.device, dtype=torch.float32).clone()
-    dead = torch.diag(H) == 0  # an input that is always zero: its weights multiply nothing
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    H = without_dead_inputs(W, hessian)
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns, device=W.device)
     W, H, pruned = W[:, order], H[order][:, order], pruned[:, order]
     scale_cols, zero_cols = scale_cols[:, order], zero_cols[:, order]
-    mean_diagonal = torch.diag(H).mean()
-    used = damping
-    while True:
-        factor, info = torch.linalg.cholesky_ex(H + used * mean_diagonal * torch.eye(columns, device=W.device))
-        if not info:
-            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
-            if not info:
-                break
-        used *= 10
-        if used > 1e3:
-            raise torch.linalg.LinAlgError("GPTQ: the Hessian stays singular after damping")
+    inverse, used = inverse_hessian_factor(H, damping)
     codes = torch.zeros_like(W)
     for start in range(0, columns, block_columns):
         end = min(start + block_columns, columns)

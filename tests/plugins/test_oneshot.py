@@ -139,3 +139,76 @@ def test_gptq_records_no_note_for_linear_sites():
     model = GPTQ().apply(copy.deepcopy(task.teacher), GPTQConfig(default_bits=3, calibration_samples=64), ctx)
     assert not ctx.notes
     assert isinstance(model[1], nn.Linear) and "derived" in ctx.structure
+
+
+# --- sparsegpt and wanda ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_m", [(2, 4), None], ids=["2:4", "unstructured"])
+def test_sparsegpt_layer_error_below_magnitude(n_m):
+    from slimforge.plugins.oneshot.pruning import magnitude_keep
+    from slimforge.plugins.oneshot.sparsegpt import sparsegpt_prune
+
+    torch.manual_seed(0)
+    w, x = torch.randn(32, 64), correlated_inputs()
+    reference = x @ w.t()
+    magnitude = w.masked_fill(~magnitude_keep(w, 0.5, n_m), 0.0)
+    pruned, keep = sparsegpt_prune(w, hessian_of(x), 0.5, n_m, 0.01)
+    assert torch.equal(pruned == 0, ~keep) and abs((~keep).float().mean().item() - 0.5) < 0.01
+    if n_m:
+        assert torch.all(keep.view(32, -1, 4).sum(dim=-1) == 2)
+    error = torch.linalg.norm(x @ pruned.t() - reference)
+    assert error < 0.5 * torch.linalg.norm(x @ magnitude.t() - reference)
+
+
+def test_wanda_keeps_the_weights_on_large_inputs():
+    from slimforge.plugins.oneshot.wanda import wanda_keep
+
+    w = torch.ones(4, 8)
+    square_norm = torch.tensor([1.0, 100.0] * 4)
+    keep = wanda_keep(w, square_norm, 0.5, None)
+    assert torch.equal(keep, (square_norm > 1).expand(4, 8))
+    assert torch.all(wanda_keep(torch.randn(4, 8), square_norm, 0.5, (2, 4)).view(4, 2, 4).sum(-1) == 2)
+
+
+@pytest.mark.parametrize("pruner", ["sparsegpt", "wanda"])
+def test_pruned_then_gptq_keeps_zeros_and_shrinks_the_artifact(pruner, tmp_path):
+    from slimforge.core.compressed import load_model
+    from slimforge.core.manager import Plugins
+    from slimforge.core.outputs import logits_of
+
+    registry = Plugins(load_entry_points=False).registry
+    task = tiny_task("slimforge.core.testing:tiny_llama")
+    prune, quantize = registry.get(pruner), registry.get("gptq")
+    prune_config = prune.Config(pattern="2:4", calibration_samples=64)
+    quantize_config = GPTQConfig(default_bits=4, calibration_samples=64, act_order=True, symmetric=False)
+    prune_ctx, quantize_ctx = TechniqueContext(task=task), TechniqueContext(task=task)
+    model = prune.apply(copy.deepcopy(task.teacher), prune_config, prune_ctx)
+    masks = prune_ctx.state["masks"]
+    assert masks and not prune.needs_recovery
+    model = quantize.apply(model, quantize_config, quantize_ctx)
+    from slimforge.core.sites import weight_sites
+
+    for name, site in weight_sites(model).items():
+        if name in masks:
+            assert torch.all(site.tensor(model)[~masks[name]] == 0), name
+    plan = Plan(steps=(PlanStep(pruner, prune.config_to_dict(prune_config)),
+                       PlanStep("gptq", quantize.config_to_dict(quantize_config))), seed=0)
+    size = save_model(model, tmp_path / "both.slim", task=task, plan=plan,
+                      structure=[prune_ctx.structure, quantize_ctx.structure])
+    dense = artifact_bytes(quantize, quantize_config, task, tmp_path, "dense")
+    assert size < 0.85 * dense, (size, dense)
+    loaded = load_model(tmp_path / "both.slim", registry).model
+    x = task.split("val")[:][0][:8]
+    with torch.inference_mode():
+        assert torch.equal(logits_of(model(x)), logits_of(loaded(x)))
+
+
+def test_pruner_config_rejects_bad_pattern():
+    from slimforge.core.errors import ConfigError
+    from slimforge.plugins.oneshot.sparsegpt import SparseGPTConfig
+    from slimforge.plugins.oneshot.wanda import WandaConfig
+
+    with pytest.raises(ConfigError, match="wanda.pattern"):
+        WandaConfig(pattern="4:2")
+    with pytest.raises(ConfigError, match="sparsegpt.sparsity"):
+        SparseGPTConfig(default_sparsity=1.0)
