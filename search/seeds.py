@@ -13,8 +13,8 @@ budget, and then the sampler learns from them like from any trial:
   knowledge distillation, weight-only quantized.
 
 A search without fine-tuning (``--no-finetune``) starts from ``one_shot_plans`` instead: plans that
-never train (weight-only quantization at the width the budget allows, int8 post-training
-quantization).
+never train (GPTQ, SparseGPT 2:4 + GPTQ and weight-only round-to-nearest at the width the budget
+allows, int8 post-training quantization).
 
 Each seed names techniques and a few knob values; ``SeedSuggester`` answers the planner's
 questions from them, so the enqueued parameters are exactly the names and ranges the planner
@@ -161,14 +161,21 @@ def expert_plans(dense_bytes: int, budgets: Budgets) -> list[Seed]:
 
 
 def one_shot_plans(dense_bytes: int, budgets: Budgets) -> list[Seed]:
-    """The seeds of a search without fine-tuning (``--no-finetune``), whose plans never train:
-    weight-only round-to-nearest at the mean width the size budget allows (4 bits without one),
-    the widths spread over the sites by their measured sensitivity, and int8 post-training
-    quantization where its ~3.5x can meet the budget."""
+    """The seeds of a search without fine-tuning (``--no-finetune``), whose plans never train, at
+    the mean width the size budget allows (4 bits without one):
+    - **GPTQ** (Frantar et al. 2022) at that width on every site, groups of 128, activation order,
+      1 % damping: the setting the paper and its reference code report;
+    - **SparseGPT 2:4 + GPTQ** (Frantar & Alistarh 2023: prune, then quantize the survivors);
+    - weight-only round-to-nearest, the widths spread over the sites by their measured sensitivity;
+    - int8 post-training quantization where its ~3.5x can meet the budget."""
     fraction = _budget_fraction(dense_bytes, budgets)
-    # b-bit codes are about b/32 of the fp32 artifact (per-channel scales are a few percent more).
+    # b-bit codes are about b/32 of the fp32 artifact (per-channel or group scales are a few percent more).
     bits = 4.0 if fraction is None else min(8.0, max(2.0, math.floor(2 * 32 * MARGIN * fraction) / 2))
-    seeds = [Seed(f"{bits:g}-bit weight-only round-to-nearest (widths spread by sensitivity)",
+    gptq = {"bits": bits, "allocation": 0.0, "group_size": 128, "act_order": True, "damping": 0.01,
+            "symmetric": False}
+    seeds = [Seed(f"GPTQ {bits:g}-bit, groups of 128", {"gptq": gptq}, {}),
+             Seed(f"SparseGPT 2:4 > GPTQ {bits:g}-bit", {"sparsegpt": {"pattern": "2:4"}, "gptq": gptq}, {}),
+             Seed(f"{bits:g}-bit weight-only round-to-nearest (widths spread by sensitivity)",
                   {"weight_only_quant": {"bits": bits, "allocation": 1.0, "symmetric": True}}, {})]
     if _int8_fits(fraction):
         seeds.append(INT8_PTQ_SEED)

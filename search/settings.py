@@ -114,7 +114,7 @@ class SearchSettings:
                             "trains, each costs seconds; for models too large to fine-tune per trial", kind="bool")
     expert_seeds: bool = option(True, "--no-expert-seeds", "do not start the study with the expert plans (Deep "
                                 "Compression, int8, structured + int8, a distilled student; with --no-finetune: "
-                                "weight-only and int8) scaled to the budgets",
+                                "GPTQ, SparseGPT 2:4 + GPTQ, weight-only and int8) scaled to the budgets",
                                 kind="bool")
     workers: int = option(1, "--workers", "trials at once, each in a worker process (default 1: in this process)",
                           kind="int", at_least=1)

@@ -74,7 +74,7 @@ def test_the_planner_keeps_exactly_the_techniques_whose_declarations_need_no_tra
     planner = Planner(registry, fine_tune=False)
     kept = {t.name for t in planner.techniques}
     assert kept == {cls.name for cls in registry.classes() if not cls.needs_recovery and cls.stage != Stage.TRAINING}
-    assert {"weight_only_quant", "int8_ptq", "int8_dynamic", "one_shot_correction"} <= kept
+    assert {"gptq", "sparsegpt", "wanda", "weight_only_quant", "int8_ptq", "int8_dynamic", "one_shot_correction"} <= kept
     assert not kept & {"magnitude_pruning", "knowledge_distillation", "needs_recovery_pruning", "training_only_loss"}
     assert all(not needs_fine_tuning(t) for t in planner.techniques)
     assert Planner(registry).fine_tune and {"magnitude_pruning", "training_only_loss"} <= {
@@ -123,11 +123,16 @@ def test_the_flag_and_the_config_key():
 def test_only_one_shot_seeds_are_queued(registry, tiny_task):
     one_shot = seed_params(Planner(registry, fine_tune=False), tiny_task, 100_000, Budgets(), limit=10)
     labels = [label for label, _ in one_shot]
-    assert labels == ["4-bit weight-only round-to-nearest (widths spread by sensitivity)",
+    assert labels == ["GPTQ 4-bit, groups of 128", "SparseGPT 2:4 > GPTQ 4-bit",
+                      "4-bit weight-only round-to-nearest (widths spread by sensitivity)",
                       "int8 post-training quantization"]
     assert all(not any(name.startswith("recovery.") for name in params) for _, params in one_shot)
+    params = dict(one_shot)["SparseGPT 2:4 > GPTQ 4-bit"]
+    assert params["use.pruning"] == "sparsegpt" and params["sparsegpt.pattern"] == "2:4"
+    assert params["use.quantization"] == "gptq" and params["gptq.bits"] == 4.0 and params["gptq.group_size"] == 128
     tight = seed_params(Planner(registry, fine_tune=False), tiny_task, 100_000, Budgets(max_size_bytes=10_000), 10)
-    assert [params["weight_only_quant.bits"] for _, params in tight] == [2.5]  # int8 cannot meet 10x
+    assert len(tight) == 3 and all(p.get("gptq.bits", p.get("weight_only_quant.bits")) == 2.5 for _, p in tight)
+    # int8 cannot meet 10x, so its seed is left out
     fine_tuned = [label for label, _ in seed_params(Planner(registry), tiny_task, 100_000, Budgets(), limit=10)]
     assert "Deep Compression (prune > retrain > 5-bit k-means > fine-tune)" in fine_tuned
 
