@@ -20,5 +20,6 @@ BUILTIN_PLUGINS = (
     "slimforge.plugins.sharing.cosine_merge",
     "slimforge.plugins.oneshot.sparsegpt",
     "slimforge.plugins.oneshot.wanda",
+    "slimforge.plugins.oneshot.awq",
     "slimforge.plugins.oneshot.gptq",
 )

@@ -230,6 +230,14 @@ def _gather(model: nn.Module, sites: list[WeightSite], full: bool, module: nn.Mo
     return stats, why
 
 
+def gather_statistics(model: nn.Module, sites: list[WeightSite], inputs: list[torch.Tensor],
+                      full_hessian: bool = True) -> tuple[dict, dict]:
+    """Statistics of ``sites``' inputs over one whole-model pass of the calibration ``inputs``, for a
+    technique that does not change the model's function while it gathers (AWQ's scaling):
+    ``({name: InputStatistics | None}, {name: why there are none})``."""
+    return _gather(model, sites, full_hessian, model, [((x,), {}) for x in inputs])
+
+
 def compress_sequentially(model: nn.Module, sites: dict[str, WeightSite], inputs: list[torch.Tensor],
                           compress: Compressor, *, full_hessian: bool = True) -> None:
     """Call ``compress(site, statistics, why)`` for every one of ``sites`` (by name), block by

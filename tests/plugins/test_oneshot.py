@@ -212,3 +212,37 @@ def test_pruner_config_rejects_bad_pattern():
         WandaConfig(pattern="4:2")
     with pytest.raises(ConfigError, match="sparsegpt.sparsity"):
         SparseGPTConfig(default_sparsity=1.0)
+
+
+# --- awq -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("architecture", ["tiny_transformer", "tiny_llama", "tiny_gpt2"])
+def test_awq_folds_scales_without_changing_the_function(architecture):
+    from slimforge.core.outputs import logits_of
+    from slimforge.plugins.oneshot.awq import AWQ, AWQConfig
+
+    task = tiny_task(f"slimforge.core.testing:{architecture}")
+    ctx = TechniqueContext(task=task)
+    model = AWQ().apply(copy.deepcopy(task.teacher), AWQConfig(bits=3, group_size=0, calibration_samples=64), ctx)
+    assert any(alpha > 0 for alpha in ctx.state["awq_alpha"].values()), ctx.state["awq_alpha"]
+    x = task.split("val")[:][0][:16]
+    with torch.no_grad():
+        assert torch.allclose(logits_of(model(x)), logits_of(task.teacher(x)), atol=1e-4, rtol=1e-4)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, task.teacher.state_dict()[k])]
+    assert changed
+
+
+def test_awq_scales_cut_the_quantized_error_on_outlier_channels():
+    from slimforge.plugins.oneshot.awq import AWQConfig, quantization_error, search_scales
+
+    torch.manual_seed(3)
+    x = torch.randn(4096, 64)
+    x[:, [0, 32]] *= 10.0  # one channel per group carries large activations, as in LLMs
+    w = torch.randn(32, 64)
+    stats = InputStatistics(64, full=True)
+    stats.add(x)
+    config = AWQConfig(bits=4, group_size=32)
+    scales, alpha = search_scales([w], stats.hessian, stats.square_norm, stats.rows, config)
+    assert alpha > 0
+    unscaled = quantization_error([w], stats.hessian, torch.ones(64), config)
+    assert quantization_error([w], stats.hessian, scales, config) < 0.8 * unscaled
