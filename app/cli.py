@@ -402,7 +402,7 @@ def cmd_reproduce(args) -> int:
 def cmd_plugins(args) -> int:
     plugins = _plugins(args)
     rows = plugins.plugin_rows()
-    columns = ("technique", "family", "stage", "source", "description")
+    columns = ("technique", "family", "stage", "one-shot", "source", "description")
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns[:-1]}
     print("  ".join(c.ljust(widths[c]) for c in columns[:-1]) + "  description")
     for row in rows:

@@ -19,7 +19,7 @@ import pluggy
 
 from slimforge.core import hookspecs
 from slimforge.core.errors import PluginError
-from slimforge.core.technique import Technique, TechniqueRegistry, family_name, stage_label
+from slimforge.core.technique import Technique, TechniqueRegistry, family_name, needs_fine_tuning, stage_label
 
 ENTRY_POINT_GROUP = "slimforge"
 
@@ -212,9 +212,11 @@ class Plugins:
         self.pm.unregister(plugin)
 
     def plugin_rows(self) -> list[dict[str, str]]:
-        """One row per technique: name, family, stage, source package."""
+        """One row per technique: name, family, stage, whether it works without fine-tuning (joins
+        ``--no-finetune``), source package."""
         rows = []
         for cls in self.registry.classes():
             rows.append({"technique": cls.name, "family": family_name(cls.family), "stage": stage_label(cls.stage),
+                         "one-shot": "no" if needs_fine_tuning(cls) else "yes",
                          "source": self.registry.source_of(cls.name), "description": cls.description})
         return rows

@@ -3,7 +3,8 @@
 For each family among the enabled techniques it asks which technique (or none) to use, so a plan
 holds at most one technique per family; chosen techniques suggest their own configs under their
 own name scope, and the steps are ordered by stage.  Recovery training is searched only when a
-chosen technique needs it.
+chosen technique needs it; a search without fine-tuning (``fine_tune=False``) plans only techniques
+that need none, so its plans never train.
 
 Composition rules (``Technique.cannot_follow`` / ``cannot_precede``) are honoured by construction:
 families are decided in stage order, and a family's choices exclude techniques that conflict
@@ -19,7 +20,8 @@ from collections.abc import Iterable
 from slimforge.core.errors import ConfigError
 from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.task import Task
-from slimforge.core.technique import Technique, TechniqueRegistry, family_name, retrains_before_sharing
+from slimforge.core.technique import (Technique, TechniqueRegistry, family_name, needs_fine_tuning,
+                                      retrains_before_sharing)
 from slimforge.core.space import Suggester, scoped
 
 # Up to 6 epochs: the search's successive halving (search.objective) stops hopeless trials after
@@ -31,14 +33,20 @@ BEFORE_SHARING_EPOCHS = (0, 6)  # 0 keeps the one-phase plan: the search decides
 
 class Planner:
     def __init__(self, registry: TechniqueRegistry, techniques: Iterable[str] | None = None,
-                 available: set[str] | None = None):
+                 available: set[str] | None = None, fine_tune: bool = True):
         """``available``: what this search can offer techniques (see ``Technique.requires``);
-        None means everything.  Techniques needing more are left out, or refused when named."""
+        None means everything.  Techniques needing more are left out, or refused when named.
+        ``fine_tune`` False: a search without fine-tuning, whose plans hold only the techniques
+        that need none (``needs_fine_tuning``), so no plan trains; one that does is left out, or
+        refused when named."""
         explicit = techniques is not None
         names = list(techniques) if explicit else registry.names()
         if not names:
             raise ConfigError("techniques: at least one technique must be enabled; valid choices: " + ", ".join(registry.names()))
         self.techniques: list[Technique] = [registry.get(name) for name in names]  # raises on unknown names
+        self.fine_tune = fine_tune
+        if not fine_tune:
+            self.techniques = self._one_shot(registry, self.techniques, explicit)
         if available is not None:
             runnable = [t for t in self.techniques if t.requires <= available]
             missing = {t.name: sorted(t.requires - available) for t in self.techniques if t not in runnable}
@@ -87,6 +95,20 @@ class Planner:
                                 lr=space.suggest_float("recovery.lr", *RECOVERY_LR, log=True),
                                 before_sharing_epochs=before_sharing)
         return Plan(steps=tuple(steps), recovery=recovery, seed=seed)
+
+    @staticmethod
+    def _one_shot(registry: TechniqueRegistry, techniques: list[Technique], explicit: bool) -> list[Technique]:
+        """The techniques a search without fine-tuning may plan."""
+        one_shot = [t for t in techniques if not needs_fine_tuning(t)]
+        valid = ", ".join(cls.name for cls in registry.classes() if not needs_fine_tuning(cls)) or "(none installed)"
+        refused = [t.name for t in techniques if needs_fine_tuning(t)]
+        if explicit and refused:
+            raise ConfigError(f"techniques: {refused[0]!r} needs fine-tuning, which this search leaves out "
+                              f"(--no-finetune / finetune = false); valid choices: {valid}")
+        if not one_shot:
+            raise ConfigError(f"techniques: none of the enabled techniques works without fine-tuning; valid choices: "
+                              f"{valid}")
+        return one_shot
 
     @staticmethod
     def _conflicts(candidate: Technique, chosen: list[Technique]) -> bool:

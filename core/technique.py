@@ -88,6 +88,15 @@ def stage_phase(stage: int) -> str:
     return "training" if stage < Stage.RECOVERY else "finishing"
 
 
+def needs_fine_tuning(technique: type[Technique] | Technique) -> bool:
+    """Whether ``technique`` is useful only in a plan that fine-tunes: it declares
+    ``needs_recovery`` (it leaves the model needing recovery training), or its stage is a
+    training-only one (it changes only how recovery trains, e.g. a distillation loss).  A search
+    without fine-tuning (``--no-finetune``) plans only the techniques for which this is False, so a
+    third-party one-shot technique joins it by its declarations alone."""
+    return bool(technique.needs_recovery) or stage_phase(technique.stage) == "training"
+
+
 # A technique's name is a parameter prefix (``magnitude_pruning.sparsity.fc1``) and an item of
 # comma-separated flags (``--techniques a,b``), so it may hold neither dots nor commas.
 TECHNIQUE_NAME = re.compile(r"[a-z][a-z0-9_]*")

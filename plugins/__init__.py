@@ -18,4 +18,8 @@ BUILTIN_PLUGINS = (
     "slimforge.plugins.factorization.low_rank",
     "slimforge.plugins.sharing.kmeans",
     "slimforge.plugins.sharing.cosine_merge",
+    "slimforge.plugins.oneshot.sparsegpt",
+    "slimforge.plugins.oneshot.wanda",
+    "slimforge.plugins.oneshot.awq",
+    "slimforge.plugins.oneshot.gptq",
 )

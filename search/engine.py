@@ -189,7 +189,7 @@ def _run_trials(ctx: SearchContext, spec: WorkerSpec) -> None:
 
 def make_planner(plugins: Plugins, settings: SearchSettings) -> Planner:
     available = {"teacher", "training_data", "calibration_data"} | ({"gpu"} if settings.device.startswith("cuda") else set())
-    return Planner(plugins.registry, settings.techniques, available=available)
+    return Planner(plugins.registry, settings.techniques, available=available, fine_tune=settings.finetune)
 
 
 def _check_device(settings: SearchSettings) -> None:

@@ -14,6 +14,10 @@ budget, and then the sampler learns from them like from any trial:
   knowledge distillation, weight-only quantized; and, for budgets under ~1/80 of the teacher,
   Deep Compression applied to such a student.
 
+A search without fine-tuning (``--no-finetune``) starts from ``one_shot_plans`` instead: plans that
+never train (GPTQ, SparseGPT 2:4 + GPTQ and weight-only round-to-nearest at the width the budget
+allows, int8 post-training quantization).
+
 Each seed names techniques and a few knob values; ``SeedSuggester`` answers the planner's
 questions from them, so the enqueued parameters are exactly the names and ranges the planner
 asks for (a seed whose techniques are not all enabled, or that the composition rules refuse, is
@@ -110,9 +114,21 @@ class SeedSuggester:
         return value
 
 
+def _budget_fraction(dense_bytes: int, budgets: Budgets) -> float | None:
+    """The size budget as a fraction of the dense artifact, None without one."""
+    return min(1.0, budgets.max_size_bytes / dense_bytes) if budgets.max_size_bytes else None
+
+
+def _int8_fits(fraction: float | None) -> bool:
+    return fraction is None or fraction * INT8_RATIO >= 1 / MARGIN
+
+
+INT8_PTQ_SEED = Seed("int8 post-training quantization", {"int8_ptq": {"calibration_batches": 8}}, {})
+
+
 def expert_plans(dense_bytes: int, budgets: Budgets) -> list[Seed]:
     """The seeds, scaled to ``budgets.max_size_bytes`` (a fraction of ``dense_bytes``)."""
-    fraction = min(1.0, budgets.max_size_bytes / dense_bytes) if budgets.max_size_bytes else None
+    fraction = _budget_fraction(dense_bytes, budgets)
 
     def density(bits: int, unbudgeted: float) -> float:
         """Overall density whose sparse ``bits``-bit codes fit the budget (``unbudgeted`` without one)."""
@@ -144,8 +160,8 @@ def expert_plans(dense_bytes: int, budgets: Budgets) -> list[Seed]:
               "weight_only_quant": {"bits": 5.0, "allocation": 0.5, "symmetric": True}},
              {"epochs": 6, "lr": 1e-3}),
     ]
-    if fraction is None or fraction * INT8_RATIO >= 1 / MARGIN:
-        seeds.append(Seed("int8 post-training quantization", {"int8_ptq": {"calibration_batches": 8}}, {}))
+    if _int8_fits(fraction):
+        seeds.append(INT8_PTQ_SEED)
     # Structured pruning keeps (1 - s) of each layer's channels, so inner layers keep (1 - s)^2 of
     # their weights; int8 divides by ~3.5 more.
     keep = 1.0 if fraction is None else min(1.0, MARGIN * fraction * INT8_RATIO)
@@ -173,10 +189,33 @@ def expert_plans(dense_bytes: int, budgets: Budgets) -> list[Seed]:
     return seeds
 
 
+def one_shot_plans(dense_bytes: int, budgets: Budgets) -> list[Seed]:
+    """The seeds of a search without fine-tuning (``--no-finetune``), whose plans never train, at
+    the mean width the size budget allows (4 bits without one):
+    - **GPTQ** (Frantar et al. 2022) at that width on every site, groups of 128, activation order,
+      1 % damping: the setting the paper and its reference code report;
+    - **SparseGPT 2:4 + GPTQ** (Frantar & Alistarh 2023: prune, then quantize the survivors);
+    - weight-only round-to-nearest, the widths spread over the sites by their measured sensitivity;
+    - int8 post-training quantization where its ~3.5x can meet the budget."""
+    fraction = _budget_fraction(dense_bytes, budgets)
+    # b-bit codes are about b/32 of the fp32 artifact (per-channel or group scales are a few percent more).
+    bits = 4.0 if fraction is None else min(8.0, max(2.0, math.floor(2 * 32 * MARGIN * fraction) / 2))
+    gptq = {"bits": bits, "allocation": 0.0, "group_size": 128, "act_order": True, "damping": 0.01,
+            "symmetric": False}
+    seeds = [Seed(f"GPTQ {bits:g}-bit, groups of 128", {"gptq": gptq}, {}),
+             Seed(f"SparseGPT 2:4 > GPTQ {bits:g}-bit", {"sparsegpt": {"pattern": "2:4"}, "gptq": gptq}, {}),
+             Seed(f"{bits:g}-bit weight-only round-to-nearest (widths spread by sensitivity)",
+                  {"weight_only_quant": {"bits": bits, "allocation": 1.0, "symmetric": True}}, {})]
+    if _int8_fits(fraction):
+        seeds.append(INT8_PTQ_SEED)
+    return seeds
+
+
 def seed_params(planner: Planner, task, dense_bytes: int, budgets: Budgets, limit: int) -> list[tuple[str, dict]]:
     """``(label, params)`` of the seeds this planner can build, at most ``limit`` of them."""
     out, enabled = [], {technique.name for technique in planner.techniques}
-    for seed in expert_plans(dense_bytes, budgets):
+    plans = expert_plans if planner.fine_tune else one_shot_plans
+    for seed in plans(dense_bytes, budgets):
         if len(out) >= limit:
             break
         seed = seed.for_techniques(enabled)

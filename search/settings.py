@@ -109,8 +109,12 @@ class SearchSettings:
     per_layer_knobs: bool = option(False, "--per-layer-knobs", "search one density / bit width per weight site "
                                    "(default: a few global knobs per technique, spread over the sites by their "
                                    "measured sensitivity)", kind="bool")
+    finetune: bool = option(True, "--no-finetune", "search without fine-tuning: plans hold only the techniques that "
+                            "need no recovery training (one-shot: quantizers, calibration-only methods), no trial "
+                            "trains, each costs seconds; for models too large to fine-tune per trial", kind="bool")
     expert_seeds: bool = option(True, "--no-expert-seeds", "do not start the study with the expert plans (Deep "
-                                "Compression, int8, structured + int8, a distilled student) scaled to the budgets",
+                                "Compression, int8, structured + int8, a distilled student; with --no-finetune: "
+                                "GPTQ, SparseGPT 2:4 + GPTQ, weight-only and int8) scaled to the budgets",
                                 kind="bool")
     workers: int = option(1, "--workers", "trials at once, each in a worker process (default 1: in this process)",
                           kind="int", at_least=1)
@@ -160,6 +164,9 @@ class SearchSettings:
             _check(meta, getattr(self, f.name))
         if self.latency.cuda_graph and not self.device.startswith("cuda"):
             raise ConfigError("--latency-cuda-graph: CUDA graphs need --device cuda")
+        if not self.finetune and self.scheduler == "asha":
+            raise ConfigError("--scheduler: asha compares trials between recovery epochs, and a search with "
+                              "--no-finetune trains none; valid choices here: fifo")
         if self.backend != "ray":
             for f, meta in options():
                 if meta["ray_only"] and getattr(self, f.name) != f.default:

@@ -119,6 +119,10 @@ CASES = [
     # techniques, commands, options
     Case("unknown technique", "slimforge search --config task.toml --techniques prune_everything",
          [*SEARCH, "--config", "task.toml", "--techniques", "prune_everything"], {"task.toml": config()}),
+    Case("technique that needs fine-tuning in a search without it",
+         "slimforge search --config task.toml --no-finetune --techniques magnitude_pruning",
+         [*SEARCH, "--config", "task.toml", "--no-finetune", "--techniques", "magnitude_pruning"],
+         {"task.toml": config()}),
     Case("unknown command", "slimforge compress", ["compress"]),
     Case("unknown option", "slimforge search --max-sizes 60KB", [*SEARCH, "--max-sizes", "60KB"]),
     Case("option value of the wrong type", "slimforge search --trials many", [*SEARCH, "--trials", "many"]),

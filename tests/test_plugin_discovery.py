@@ -218,7 +218,7 @@ def test_a_third_party_technique_is_listed_with_its_package_family_and_stage(sit
     assert plugins.skipped == []
     rows = {row["technique"]: row for row in plugins.plugin_rows()}
     assert rows["polish"] == {"technique": "polish", "family": "finishing", "stage": "75 (after quantization)",
-                              "source": "slimforge-polish 2.0", "description": "A third-party technique."}
+                              "one-shot": "yes", "source": "slimforge-polish 2.0", "description": "A third-party technique."}
 
 
 def test_disabling_a_plugin_by_its_entry_point_name_never_imports_it(broken_plugin, capsys):

@@ -245,11 +245,12 @@ def test_measure_size_hook_prefers_a_plugin_over_the_core_default(tmp_path):
 def test_plugins_list_prints_one_row_per_technique(capsys):
     assert main(["plugins", "list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert re.split(r"\s{2,}", out[0]) == ["technique", "family", "stage", "source", "description"]
-    rows = {cells[0]: cells for cells in (re.split(r"\s{2,}", line, maxsplit=4) for line in out[1:])}
+    assert re.split(r"\s{2,}", out[0]) == ["technique", "family", "stage", "one-shot", "source", "description"]
+    rows = {cells[0]: cells for cells in (re.split(r"\s{2,}", line, maxsplit=5) for line in out[1:])}
     assert sorted(rows) == plugins().registry.names()
-    assert rows["int8_ptq"] == ["int8_ptq", "quantization", "70 (quantization)", BUILTIN_SOURCE, Int8PTQ.description]
-    assert rows["magnitude_pruning"] == ["magnitude_pruning", "pruning", "20 (pruning)", BUILTIN_SOURCE,
+    assert rows["int8_ptq"] == ["int8_ptq", "quantization", "70 (quantization)", "yes", BUILTIN_SOURCE,
+                                Int8PTQ.description]
+    assert rows["magnitude_pruning"] == ["magnitude_pruning", "pruning", "20 (pruning)", "no", BUILTIN_SOURCE,
                                          MagnitudePruning.description]
 
 
@@ -257,5 +258,5 @@ def test_plugin_rows_match_the_registry():
     manager = plugins(Registers(_technique("extra_one")))
     rows = {row["technique"]: row for row in manager.plugin_rows()}
     assert rows["extra_one"] == {"technique": "extra_one", "family": "sparsity", "stage": "40 (sparsity)",
-                                 "source": "extra", "description": ""}
+                                 "one-shot": "yes", "source": "extra", "description": ""}
     assert rows["int8_ptq"]["source"] == BUILTIN_SOURCE
