@@ -12,7 +12,8 @@ Tasks (``--tasks``):
 
 Arms: weight_only_quant (round-to-nearest, every site, no 8-bit ends) vs gptq at 4 and 3 bits, both
 with one scale per row (group_size 0) and the same grid (asymmetric, so 3 bits has 8 levels), so the
-same bytes; awq + gptq at 3 bits; magnitude (magnitude_pruning 50 % on the same sites the one-shot
+same bytes; the 3-bit pair again with the embedding tables at 8 bits in both (no activations
+reach a lookup table, so gptq rounds them to nearest like RTN); awq + gptq at 3 bits; magnitude (magnitude_pruning 50 % on the same sites the one-shot
 pruners take, nm_sparsity 2:4) vs wanda vs sparsegpt at 50 % unstructured and 2:4.  Every arm is
 saved as an artifact, loaded back and measured from the loaded model: bytes = the file, metric =
 next-token accuracy and perplexity on the test split (720 windows of 64 characters).  Seeds draw
@@ -51,6 +52,7 @@ from slimforge.core.outputs import logits_of, task_loss
 from slimforge.core.plan import Plan, PlanStep
 from slimforge.core.task import FactoryRef, Task
 from slimforge.core.technique import TechniqueContext
+from slimforge.core.sites import SiteKind, weight_sites
 from slimforge.plugins.common import density_sites
 
 
@@ -131,6 +133,9 @@ def arms(task: Task) -> dict[str, list[tuple[str, dict]]]:
     sites = {site.setting_key: 0.5 for site in density_sites(task.teacher).values()}
     quant = {"group_size": 0, "symmetric": False}
     rtn = {"keep_ends_8bit": False, "symmetric": False}
+    # Embedding tables have no input activations: both quantizers round them to nearest.  The
+    # "emb 8-bit" rows keep them at 8 bits in both arms, so the rows compare the matrices GPTQ acts on.
+    tables = {site.setting_key: 8 for site in weight_sites(task.teacher).values() if site.kind == SiteKind.EMBEDDING}
     return {
         "fp32 teacher": [],
         "RTN 4-bit": [("weight_only_quant", {**rtn, "default_bits": 4})],
@@ -138,6 +143,8 @@ def arms(task: Task) -> dict[str, list[tuple[str, dict]]]:
         "RTN 3-bit": [("weight_only_quant", {**rtn, "default_bits": 3})],
         "gptq 3-bit": [("gptq", {**quant, "default_bits": 3})],
         "gptq 3-bit act_order": [("gptq", {**quant, "default_bits": 3, "act_order": True})],
+        "RTN 3-bit, emb 8-bit": [("weight_only_quant", {**rtn, "default_bits": 3, "bits": tables})],
+        "gptq 3-bit, emb 8-bit": [("gptq", {**quant, "default_bits": 3, "bits": tables})],
         "awq+gptq 3-bit": [("awq", {"bits": 3, "group_size": 0, "symmetric": False}),
                            ("gptq", {**quant, "default_bits": 3})],
         "magnitude 50%": [("magnitude_pruning", {"sparsity": sites})],

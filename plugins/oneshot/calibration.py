@@ -257,8 +257,9 @@ def compress_sequentially(model: nn.Module, sites: dict[str, WeightSite], inputs
     for kind, key in units:
         if kind == "site":
             site = sites[key]
-            stats, why = _gather(model, [site], full_hessian, model, [((x,), {}) for x in inputs]) \
-                if capture_point(model, site)[0] is not None else ({}, {site.name: capture_point(model, site)[2]})
+            point, _, reason = capture_point(model, site)
+            stats, why = (gather_statistics(model, [site], inputs, full_hessian) if point is not None
+                          else ({}, {site.name: reason}))  # nothing to catch: no forward pass
             compress(site, stats.get(site.name), why.get(site.name, ""))
             block_inputs = None  # a compressed site outside the blocks changes what the next block sees
             continue
@@ -271,8 +272,16 @@ def compress_sequentially(model: nn.Module, sites: dict[str, WeightSite], inputs
             compress(site, stats.get(site.name), why.get(site.name, ""))
             stats.pop(site.name, None)  # free each Hessian once used
         with _hooks_visible():
-            block_inputs = [((_first(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in block_inputs]
+            block_inputs = [_with_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in block_inputs]
         previous_block = key
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A block's call with its hidden-state input (the first argument, or ``hidden_states=``)
+    replaced by ``hidden``: the previous block's output becomes the next block's input."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 def _first(output):

@@ -47,7 +47,7 @@ from slimforge.plugins.api import StoredWeight, restore_stored_weights, store_we
 from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, setting_for,
                                       site_label, site_order, stored_codes, suggest_site_bits)
 from slimforge.plugins.oneshot.calibration import calibration_inputs, compress_sequentially
-from slimforge.plugins.quantization.weight_only import quantize_rows
+from slimforge.plugins.quantization.weight_only import SCALE_METHODS, quantize_rows
 
 BIT_RANGE = (2, 8)
 BIT_CHOICES = (2, 3, 4, 8)  # per-layer knobs sample these; a config may name any width in BIT_RANGE
@@ -63,6 +63,7 @@ class GPTQConfig:
     damping: float = 0.01  # fraction of the mean Hessian diagonal added to it
     act_order: bool = False
     symmetric: bool = True
+    scale_method: str = "mse"  # how each group's range is chosen (weight_only_quant's: clipping search or min/max)
     calibration_samples: int = 128
     calibration_batch_size: int = 32
 
@@ -78,6 +79,9 @@ class GPTQConfig:
         for flag in ("act_order", "symmetric"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"gptq.{flag}: must be true or false, got {getattr(self, flag)!r}")
+        if self.scale_method not in SCALE_METHODS:
+            raise ConfigError(f"gptq.scale_method: unknown {self.scale_method!r}; valid choices: "
+                              f"{', '.join(SCALE_METHODS)}")
         for count in ("calibration_samples", "calibration_batch_size"):
             value = getattr(self, count)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -140,7 +144,7 @@ def inverse_hessian_factor(H: torch.Tensor, damping: float) -> tuple[torch.Tenso
 
 
 def gptq_quantize(matrix: torch.Tensor, hessian: torch.Tensor | None, bits: int, group_size: int, symmetric: bool,
-                  damping: float, act_order: bool, block_columns: int = BLOCK_COLUMNS):
+                  damping: float, act_order: bool, scale_method: str = "mse", block_columns: int = BLOCK_COLUMNS):
     """GPTQ on one ``out x in`` matrix: ``(absolute codes int64, scale, zero_point, damping used)``.
 
     ``hessian`` None: round to nearest on the same grid.  Exact zeros of ``matrix`` stay zero.
@@ -148,7 +152,7 @@ def gptq_quantize(matrix: torch.Tensor, hessian: torch.Tensor | None, bits: int,
     W = matrix.detach().to(torch.float32).clone()
     rows, columns = W.shape
     pruned = W == 0
-    scale, zero = group_grid(W, bits, group_size, symmetric)
+    scale, zero = group_grid(W, bits, group_size, symmetric, scale_method)
     scale_cols, zero_cols = per_column(scale, columns, group_size), per_column(zero, columns, group_size).float()
     if hessian is None:
         codes = torch.where(pruned, zero_cols, round_to_grid(W, scale_cols, zero_cols, bits))
@@ -289,7 +293,7 @@ class GPTQ(Technique):
             matrix = site.matrix(model)
             codes, scale, zero, used = gptq_quantize(matrix, None if stats is None else stats.hessian, bits,
                                                      config.group_size, config.symmetric, config.damping,
-                                                     config.act_order)
+                                                     config.act_order, config.scale_method)
             if stats is not None and used != config.damping:
                 ctx.note(f"gptq: {site_label(site)}: Hessian needed damping {used:g} to be positive definite")
             weight = GroupQuantizedWeight.from_codes(site, codes, scale, zero, bits, config.group_size,
