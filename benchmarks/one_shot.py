@@ -12,16 +12,22 @@ Tasks (``--tasks``):
 
 Arms: weight_only_quant (round-to-nearest, every site, no 8-bit ends) vs gptq at 4 and 3 bits, both
 with one scale per row (group_size 0) and the same grid (asymmetric, so 3 bits has 8 levels), so the
-same bytes; awq + gptq at 3 bits; magnitude (magnitude_pruning 50 % on the same sites the one-shot
-pruners take, nm_sparsity 2:4) vs wanda vs sparsegpt at 50 % unstructured and 2:4.  Every arm is
+same bytes; the 3-bit pair again with the embedding tables at 8 bits in both (no activations
+reach a lookup table, so gptq rounds them to nearest like RTN); awq + gptq at 3 bits; magnitude (magnitude_pruning 50 % on the same sites the one-shot
+pruners take, nm_sparsity 2:4) vs wanda vs sparsegpt at 50 % unstructured and 2:4, once on every
+site but position embeddings (token embedding and LM head included; the one-shot pruners fall back
+to magnitude on the embedding, which no activations reach) and once, as in the SparseGPT and Wanda
+papers, on the repeated blocks' matrices only.  Every arm is
 saved as an artifact, loaded back and measured from the loaded model: bytes = the file, metric =
 next-token accuracy and perplexity on the test split (720 windows of 64 characters).  Seeds draw
 the calibration samples (128 windows of the calibration split); the arms that use no calibration
 (RTN, magnitude) are deterministic and run once.  Drop = teacher - compressed, mean +- std over seeds.
 
 The memory figure (``--memory``) runs gptq on a ~100M-parameter Llama-style decoder with random
-weights in a fresh subprocess: peak resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``)
-minus the process's resident set just before the model was built, over the fp32 model's bytes.
+weights in fresh subprocesses (glibc's default allocator, and with a fixed mmap threshold): peak
+resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) minus the resident set (VmRSS) just
+before the model was built, after a warm-up gptq run on a 2-layer copy has loaded every code path,
+over the fp32 model's bytes.
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/one_shot.py --tasks chargpt llama --seeds 0 1 2
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/one_shot.py --memory
@@ -51,7 +57,9 @@ from slimforge.core.outputs import logits_of, task_loss
 from slimforge.core.plan import Plan, PlanStep
 from slimforge.core.task import FactoryRef, Task
 from slimforge.core.technique import TechniqueContext
+from slimforge.core.sites import SiteKind, weight_sites
 from slimforge.plugins.common import density_sites
+from slimforge.plugins.oneshot.calibration import block_of, repeated_blocks
 
 
 def log(message: str) -> None:
@@ -131,6 +139,12 @@ def arms(task: Task) -> dict[str, list[tuple[str, dict]]]:
     sites = {site.setting_key: 0.5 for site in density_sites(task.teacher).values()}
     quant = {"group_size": 0, "symmetric": False}
     rtn = {"keep_ends_8bit": False, "symmetric": False}
+    # Embedding tables have no input activations: both quantizers round them to nearest.  The
+    # "emb 8-bit" rows keep them at 8 bits in both arms, so the rows compare the matrices GPTQ acts on.
+    tables = {site.setting_key: 8 for site in weight_sites(task.teacher).values() if site.kind == SiteKind.EMBEDDING}
+    every = weight_sites(task.teacher)
+    found = repeated_blocks(task.teacher, every)
+    blocks = {site.setting_key: 0.5 for site in every.values() if block_of(site, found) is not None}
     return {
         "fp32 teacher": [],
         "RTN 4-bit": [("weight_only_quant", {**rtn, "default_bits": 4})],
@@ -138,6 +152,8 @@ def arms(task: Task) -> dict[str, list[tuple[str, dict]]]:
         "RTN 3-bit": [("weight_only_quant", {**rtn, "default_bits": 3})],
         "gptq 3-bit": [("gptq", {**quant, "default_bits": 3})],
         "gptq 3-bit act_order": [("gptq", {**quant, "default_bits": 3, "act_order": True})],
+        "RTN 3-bit, emb 8-bit": [("weight_only_quant", {**rtn, "default_bits": 3, "bits": tables})],
+        "gptq 3-bit, emb 8-bit": [("gptq", {**quant, "default_bits": 3, "bits": tables})],
         "awq+gptq 3-bit": [("awq", {"bits": 3, "group_size": 0, "symmetric": False}),
                            ("gptq", {**quant, "default_bits": 3})],
         "magnitude 50%": [("magnitude_pruning", {"sparsity": sites})],
@@ -147,7 +163,31 @@ def arms(task: Task) -> dict[str, list[tuple[str, dict]]]:
         "wanda 2:4": [("wanda", {"pattern": "2:4"})],
         "sparsegpt 2:4": [("sparsegpt", {"pattern": "2:4"})],
         "sparsegpt 2:4 + gptq 4-bit": [("sparsegpt", {"pattern": "2:4"}), ("gptq", {**quant, "default_bits": 4})],
+        # The papers' setting: only the blocks' matrices pruned; embeddings and LM head dense.
+        "magnitude 50%, blocks": [("magnitude_pruning", {"sparsity": blocks})],
+        "wanda 50%, blocks": [("wanda", {"sparsity": blocks, "default_sparsity": 0.0})],
+        "sparsegpt 50%, blocks": [("sparsegpt", {"sparsity": blocks, "default_sparsity": 0.0})],
+        "magnitude 2:4, blocks": [(MAGNITUDE_NM, {"sparsity": blocks})],
+        "wanda 2:4, blocks": [("wanda", {"pattern": "2:4", "sparsity": blocks, "default_sparsity": 0.0})],
+        "sparsegpt 2:4, blocks": [("sparsegpt", {"pattern": "2:4", "sparsity": blocks, "default_sparsity": 0.0})],
     }
+
+
+# nm_sparsity prunes every site; for the blocks-only rows its mask (nm_mask: the 2 largest |w| of
+# every 4 inputs) is applied here to the blocks' sites only.  No plan step: the artifact is the
+# teacher's architecture with zeros, which the codec stores sparsely like any pruned weights.
+MAGNITUDE_NM = "magnitude 2:4 on the named sites"
+
+
+def magnitude_nm(model, values: dict, ctx: TechniqueContext):
+    from slimforge.plugins.common import apply_masks, site_mask
+    from slimforge.plugins.sparsity.nm_sparsity import nm_mask
+
+    sites = weight_sites(model)
+    masks = {name: site_mask(site, nm_mask(site.matrix(model), 2, 4)) for name, site in sites.items()
+             if site.setting_key in values["sparsity"]}
+    apply_masks(model, masks, ctx)
+    return model
 
 
 CALIBRATED = {"gptq", "wanda", "sparsegpt", "awq"}
@@ -158,9 +198,12 @@ def run_arm(task: Task, plugins: Plugins, steps, seed: int, folder: Path) -> dic
     structures, plan_steps = [], []
     started = time.perf_counter()
     for name, values in steps:
+        ctx = TechniqueContext(task=task, seed=seed)
+        if name == MAGNITUDE_NM:
+            model = magnitude_nm(model, values, ctx)
+            continue
         technique = plugins.registry.get(name)
         config = technique.config_from_dict(values)
-        ctx = TechniqueContext(task=task, seed=seed)
         model = technique.apply(model, config, ctx)
         structures.append(ctx.structure)
         plan_steps.append(PlanStep(name, technique.config_to_dict(config)))
@@ -180,10 +223,12 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} +- {spread:.{digits}f}"
 
 
-def table(task: Task, plugins: Plugins, seeds: list[int]) -> str:
+def table(task: Task, plugins: Plugins, seeds: list[int], only: list[str] | None = None) -> str:
     results = {}
+    chosen = {label: steps for label, steps in arms(task).items()
+              if only is None or label in only or label == "fp32 teacher"}
     with tempfile.TemporaryDirectory() as folder:
-        for label, steps in arms(task).items():
+        for label, steps in chosen.items():
             calibrated = any(name in CALIBRATED for name, _ in steps)
             results[label] = [run_arm(task, plugins, steps, seed, Path(folder)) for seed in (seeds if calibrated
                                                                                              else seeds[:1])]
@@ -213,36 +258,50 @@ MEMORY_CONFIG = dict(vocab_size=8192, hidden_size=768, intermediate_size=2560, n
 
 def memory_child(samples: int, length: int) -> None:
     """In a fresh process: peak RSS of one-shot gptq on a ~100M-parameter decoder, as JSON."""
+    import gc
+
     import transformers
     from torch.utils.data import TensorDataset
 
     from slimforge.plugins.oneshot.gptq import GPTQ, GPTQConfig
 
     transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    tokens = torch.randint(0, MEMORY_CONFIG["vocab_size"], (samples, length + 1))
-    data = TensorDataset(tokens[:, :-1], tokens[:, 1:])
-    baseline_kb = _current_rss_kb()
-    peak_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MEMORY_CONFIG))
-    model = model.to_empty(device="cpu")  # random-ish weights without init's temporaries
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.eval()
+
+    def task_of(model, config):
+        tokens = torch.randint(0, config["vocab_size"], (samples, length + 1), generator=torch.Generator().manual_seed(0))
+        data = TensorDataset(tokens[:, :-1], tokens[:, 1:])
+        return Task(name="memory", architecture=FactoryRef("builtins:dict"), teacher_factory=lambda: model,
+                    splits={"train": data, "val": data, "test": data}, source={"benchmark": "memory"})
+
+    def build(config):
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+        model = model.to_empty(device="cpu")  # weights without init's temporaries; values below
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        return model.eval()
+
+    gptq = GPTQ()
+    config = GPTQConfig(default_bits=4, calibration_samples=samples, calibration_batch_size=8)
+    # Warm-up on a 2-layer copy: transformers' Llama code, torch's kernels and slimforge's codec are
+    # loaded (hundreds of MB of code and libraries) before the baseline, so it counts only data.
+    small = {**MEMORY_CONFIG, "num_hidden_layers": 2, "hidden_size": 96, "intermediate_size": 160,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+    warm = build(small)
+    gptq.apply(warm, config, TechniqueContext(task=task_of(warm, small)))
+    del warm
+    gc.collect()
+    baseline_kb, peak_before_kb = _current_rss_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = build(MEMORY_CONFIG)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    task = Task(name="memory", architecture=FactoryRef("builtins:dict"), teacher_factory=lambda: model,
-                splits={"train": data, "val": data, "test": data}, source={"benchmark": "memory"})
+    task = task_of(model, MEMORY_CONFIG)
     started = time.perf_counter()
-    GPTQ().apply(model, GPTQConfig(default_bits=4, calibration_samples=samples, calibration_batch_size=8),
-                 TechniqueContext(task=task))
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"parameters": sum(p.numel() for n, p in model.named_parameters()
-                                        if ".parametrizations." not in n) or None,
-                      "model_bytes": model_bytes, "baseline_rss_kb": baseline_kb,
-                      "peak_before_model_kb": peak_before_kb, "peak_rss_kb": peak_kb,
-                      "seconds": time.perf_counter() - started}))
+    gptq.apply(model, config, TechniqueContext(task=task))
+    print(json.dumps({"model_bytes": model_bytes, "baseline_rss_kb": baseline_kb,
+                      "peak_before_model_kb": peak_before_kb,
+                      "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "end_rss_kb": _current_rss_kb(), "seconds": time.perf_counter() - started}))
 
 
 def _current_rss_kb() -> int:
@@ -253,21 +312,38 @@ def _current_rss_kb() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+# glibc's malloc raises its mmap threshold as large blocks are freed, after which freed tensors stay
+# in the heap (resident) instead of going back to the OS; a fixed threshold keeps them mmapped.
+ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=131072": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+
+
 def memory_table(samples: int, length: int) -> str:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", str(samples), str(length)], check=True,
-                         capture_output=True, text=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
-    used = (r["peak_rss_kb"] - r["baseline_rss_kb"]) * 1024
-    return ("| model | fp32 bytes | peak RSS - baseline | ratio | gptq s |\n|---|---:|---:|---:|---:|\n"
-            f"| Llama-style {MEMORY_CONFIG['num_hidden_layers']} layers, d {MEMORY_CONFIG['hidden_size']}, "
-            f"{r['model_bytes'] / 4 / 1e6:.0f}M params, {samples} x {length} calibration tokens | "
-            f"{r['model_bytes']:,} | {used:,} | {used / r['model_bytes']:.2f}x | {r['seconds']:.0f} |")
+    import os
+
+    children = {name: subprocess.Popen([sys.executable, __file__, "--memory-child", str(samples), str(length)],
+                                       stdout=subprocess.PIPE, text=True, env={**os.environ, **extra})
+                for name, extra in ALLOCATORS.items()}
+    lines = ["| allocator | fp32 model bytes | peak RSS - baseline | ratio | RSS after - baseline | gptq s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, child in children.items():
+        out, _ = child.communicate()
+        if child.returncode:
+            raise SystemExit(f"memory child ({name}) failed with exit code {child.returncode}")
+        r = json.loads(out.strip().splitlines()[-1])
+        peak, end = ((r[key] - r["baseline_rss_kb"]) * 1024 for key in ("peak_rss_kb", "end_rss_kb"))
+        lines.append(f"| {name} | {r['model_bytes']:,} | {peak:,} | {peak / r['model_bytes']:.2f}x | {end:,} | "
+                     f"{r['seconds']:.0f} |")
+    model = (f"Llama-style decoder, {MEMORY_CONFIG['num_hidden_layers']} layers, d {MEMORY_CONFIG['hidden_size']}, "
+             f"MLP {MEMORY_CONFIG['intermediate_size']}, vocab {MEMORY_CONFIG['vocab_size']}, random weights; gptq "
+             f"4-bit, {samples} x {length} calibration tokens")
+    return model + "\n\n" + "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["chargpt"], choices=["chargpt", "llama", "tiny"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", help="only these arms (labels as in the table; the teacher row always)")
     parser.add_argument("--llama-steps", type=int, default=600)
     parser.add_argument("--memory", action="store_true", help="only the peak-memory figure")
     parser.add_argument("--memory-samples", nargs=2, type=int, default=[32, 256], metavar=("SAMPLES", "LENGTH"))
@@ -288,7 +364,7 @@ def main() -> None:
             or llama_task(args.llama_steps, cache_dir())
         log(f"{name}: {sum(p.numel() for p in task.teacher.parameters()):,} parameters")
         print(f"\n### {name} (seeds {' '.join(map(str, args.seeds))})\n")
-        print(table(task, plugins, args.seeds), flush=True)
+        print(table(task, plugins, args.seeds, args.arms), flush=True)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class Family(str, enum.Enum):
     SHARING = "sharing"
     DISTILLATION = "distillation"  # changes how recovery trains (knowledge distillation)
     STUDENT = "student"  # builds a smaller student from the teacher's parameters
+    SCALING = "scaling"  # function-preserving per-channel rescaling before a quantizer (AWQ)
 
 
 class Stage(enum.IntEnum):
@@ -67,6 +68,7 @@ class Stage(enum.IntEnum):
     SHARING = 45  # before recovery: shared centroids / merged filters are fine-tuned
     TRAINING = 48  # changes only how recovery trains (distillation losses); structure untouched
     RECOVERY = 50
+    SCALING = 65  # finishing: rescales the trained weights for the quantizer that follows
     QUANTIZATION = 70
 
 

@@ -306,26 +306,42 @@ def site_sparsity(site: WeightSite, config, ctx: TechniqueContext, technique: st
 
 # --- bit packing: sub-byte codes (k-means indices, 4/2-bit weights) stored at their real width --
 
+# Codes packed / unpacked per chunk: the bit planes are int64, 8 bytes per bit of every code, so a
+# whole LM head at once (6M codes at 4 bits) would take 400 MB of temporaries.  A multiple of 8
+# codes is a whole number of bytes at any width, so chunks pack to exactly the bytes of one pass.
+_PACK_CHUNK = 1 << 18
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned integer ``codes`` (< 2**bits) into a flat uint8 tensor, ``8 // bits`` per byte
     for bits in {1, 2, 4, 8}, or as a little-endian bit stream for other widths (3, 5, 6, 7)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    flat = codes.flatten().to(torch.int64)
+    flat = codes.flatten()
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ValueError(f"codes out of range for {bits} bits")
     shifts = torch.arange(bits, dtype=torch.int64)
-    bitstream = ((flat.unsqueeze(1) >> shifts) & 1).flatten()  # LSB first
-    pad = (-bitstream.numel()) % 8
-    bitstream = torch.cat([bitstream, bitstream.new_zeros(pad)]).view(-1, 8)
-    return (bitstream << torch.arange(8, dtype=torch.int64)).sum(dim=1).to(torch.uint8)
+    chunks = []
+    for start in range(0, flat.numel(), _PACK_CHUNK):
+        part = flat[start:start + _PACK_CHUNK].to(torch.int64)
+        bitstream = ((part.unsqueeze(1) >> shifts) & 1).flatten()  # LSB first
+        pad = (-bitstream.numel()) % 8
+        bitstream = torch.cat([bitstream, bitstream.new_zeros(pad)]).view(-1, 8)
+        chunks.append((bitstream << torch.arange(8, dtype=torch.int64)).sum(dim=1).to(torch.uint8))
+    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: the first ``count`` codes as int64."""
-    bitstream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).flatten()
-    bitstream = bitstream[: count * bits].view(count, bits)
-    return (bitstream << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+    chunks = []
+    for start in range(0, count, _PACK_CHUNK):
+        n = min(_PACK_CHUNK, count - start)
+        first = start * bits // 8  # a whole byte: start is a multiple of 8
+        part = packed[first:first + packed_size(n, bits)].to(torch.int64)
+        bitstream = ((part.unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).flatten()
+        bitstream = bitstream[: n * bits].view(n, bits)
+        chunks.append((bitstream << torch.arange(bits, dtype=torch.int64)).sum(dim=1))
+    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.int64)
 
 
 def packed_size(count: int, bits: int) -> int:

@@ -27,7 +27,7 @@ matrices; the places slimforge knows (by module structure, not class lists per m
 
 Every other site is left unscaled with a note (post-norm layers like BERT's, where the norm's
 output also feeds the residual; a tied LM head, whose columns are the embedding's; a Gemma-style
-``(1 + w)`` norm).  A plan puts ``awq`` (stage 65, family ``scaling``) before ``gptq`` or
+``(1 + w)`` norm).  A plan puts ``awq`` (``Stage.SCALING`` 65, ``Family.SCALING``) before ``gptq`` or
 ``weight_only_quant`` (stage 70), which then quantize the scaled weights.
 """
 
@@ -42,7 +42,7 @@ from torch.nn.utils import parametrize
 from slimforge.core.errors import ConfigError
 from slimforge.core.hookspecs import hookimpl
 from slimforge.core.sites import weight_sites
-from slimforge.core.technique import Stage, Technique, TechniqueContext
+from slimforge.core.technique import Family, Stage, Technique, TechniqueContext
 from slimforge.plugins.common import site_label
 from slimforge.plugins.oneshot.calibration import calibration_inputs, gather_statistics
 from slimforge.plugins.oneshot.gptq import BIT_CHOICES, BIT_RANGE, GROUP_SIZES, gptq_quantize, per_column
@@ -167,7 +167,7 @@ class AWQ(Technique):
     name = "awq"
     description = ("AWQ-style activation-aware per-channel weight scaling searched on calibration data for a "
                    "following weight-only quantizer, folded exactly into the preceding norm / projection.")
-    family, stage, Config = "scaling", Stage.QUANTIZATION - 5, AWQConfig
+    family, stage, Config = Family.SCALING, Stage.SCALING, AWQConfig
     requires = frozenset({"calibration_data"})  # one-shot: no needs_recovery
     cannot_follow = frozenset({"kmeans_clustering"})
 

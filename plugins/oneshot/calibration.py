@@ -14,8 +14,9 @@ Blocks are the children of the ``nn.ModuleList`` holding the most weight sites
 (``nn.TransformerEncoder.layers``, Hugging Face ``model.layers`` / ``transformer.h`` /
 ``encoder.layer``, a hand-written list of decoder layers).  Sites outside every block (embeddings,
 an LM head, every layer of a model without repeated blocks such as LeNet) are *units of their
-own*: each gets one whole-model pass with a hook on it, in the order the forward pass uses them,
-so it too sees the earlier layers compressed.
+own*: each gets a whole-model pass with a hook on it, in the order the forward pass uses them, so
+it too sees the earlier layers compressed; the pass stops once the site's input is caught (an LM
+head's logits are never computed).
 
 Where each site's input is caught (``core.sites`` kinds): a Linear, Conv (unfolded into its
 ``in x kh x kw`` patches) and Hugging Face Conv1D by a pre-hook on the layer;
@@ -200,9 +201,13 @@ class _StopForward(Exception):
     """Raised by the hook that caught a block's inputs: the rest of the model need not run."""
 
 
-def _gather(model: nn.Module, sites: list[WeightSite], full: bool, module: nn.Module, calls: list):
+def _gather(model: nn.Module, sites: list[WeightSite], full: bool, module: nn.Module, calls: list,
+            stop_after: bool = False):
     """Statistics of ``sites`` over the calls ``module(*args, **kwargs)`` for ``(args, kwargs)`` in
-    ``calls``; ``{name: stats | None}`` and ``{name: why}`` for the sites with none."""
+    ``calls``; ``{name: stats | None}`` and ``{name: why}`` for the sites with none.  With
+    ``stop_after`` (one site) each call ends once the site's input is caught: what comes after it
+    (an LM head's logits over the vocabulary, the largest activation of a language model) is never
+    computed."""
     stats, why, handles = {}, {}, []
     for site in sites:
         point, reader, reason = capture_point(model, site)
@@ -215,11 +220,14 @@ def _gather(model: nn.Module, sites: list[WeightSite], full: bool, module: nn.Mo
             x = _reader(mod, args, kwargs)
             if x is not None:
                 _stats.add(x)
+                if stop_after:
+                    raise _StopForward
         handles.append(point.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with _hooks_visible():
             for args, kwargs in calls:
-                module(*args, **kwargs)
+                with contextlib.suppress(_StopForward):
+                    module(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -257,8 +265,9 @@ def compress_sequentially(model: nn.Module, sites: dict[str, WeightSite], inputs
     for kind, key in units:
         if kind == "site":
             site = sites[key]
-            stats, why = _gather(model, [site], full_hessian, model, [((x,), {}) for x in inputs]) \
-                if capture_point(model, site)[0] is not None else ({}, {site.name: capture_point(model, site)[2]})
+            point, _, reason = capture_point(model, site)
+            stats, why = (_gather(model, [site], full_hessian, model, [((x,), {}) for x in inputs], stop_after=True)
+                          if point is not None else ({}, {site.name: reason}))  # nothing to catch: no forward pass
             compress(site, stats.get(site.name), why.get(site.name, ""))
             block_inputs = None  # a compressed site outside the blocks changes what the next block sees
             continue
@@ -271,8 +280,16 @@ def compress_sequentially(model: nn.Module, sites: dict[str, WeightSite], inputs
             compress(site, stats.get(site.name), why.get(site.name, ""))
             stats.pop(site.name, None)  # free each Hessian once used
         with _hooks_visible():
-            block_inputs = [((_first(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in block_inputs]
+            block_inputs = [_with_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in block_inputs]
         previous_block = key
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A block's call with its hidden-state input (the first argument, or ``hidden_states=``)
+    replaced by ``hidden``: the previous block's output becomes the next block's input."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 def _first(output):

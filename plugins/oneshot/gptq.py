@@ -47,7 +47,7 @@ from slimforge.plugins.api import StoredWeight, restore_stored_weights, store_we
 from slimforge.plugins.common import (choose_code_storage, codes_from_stored, empty_code_buffer, setting_for,
                                       site_label, site_order, stored_codes, suggest_site_bits)
 from slimforge.plugins.oneshot.calibration import calibration_inputs, compress_sequentially
-from slimforge.plugins.quantization.weight_only import quantize_rows
+from slimforge.plugins.quantization.weight_only import SCALE_METHODS, quantize_rows
 
 BIT_RANGE = (2, 8)
 BIT_CHOICES = (2, 3, 4, 8)  # per-layer knobs sample these; a config may name any width in BIT_RANGE
@@ -63,6 +63,7 @@ class GPTQConfig:
     damping: float = 0.01  # fraction of the mean Hessian diagonal added to it
     act_order: bool = False
     symmetric: bool = True
+    scale_method: str = "mse"  # how each group's range is chosen (weight_only_quant's: clipping search or min/max)
     calibration_samples: int = 128
     calibration_batch_size: int = 32
 
@@ -78,6 +79,9 @@ class GPTQConfig:
         for flag in ("act_order", "symmetric"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"gptq.{flag}: must be true or false, got {getattr(self, flag)!r}")
+        if self.scale_method not in SCALE_METHODS:
+            raise ConfigError(f"gptq.scale_method: unknown {self.scale_method!r}; valid choices: "
+                              f"{', '.join(SCALE_METHODS)}")
         for count in ("calibration_samples", "calibration_batch_size"):
             value = getattr(self, count)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -140,40 +144,46 @@ def inverse_hessian_factor(H: torch.Tensor, damping: float) -> tuple[torch.Tenso
 
 
 def gptq_quantize(matrix: torch.Tensor, hessian: torch.Tensor | None, bits: int, group_size: int, symmetric: bool,
-                  damping: float, act_order: bool, block_columns: int = BLOCK_COLUMNS):
-    """GPTQ on one ``out x in`` matrix: ``(absolute codes int64, scale, zero_point, damping used)``.
+                  damping: float, act_order: bool, scale_method: str = "mse", block_columns: int = BLOCK_COLUMNS):
+    """GPTQ on one ``out x in`` matrix: ``(absolute codes uint8, scale, zero_point, damping used)``.
 
     ``hessian`` None: round to nearest on the same grid.  Exact zeros of ``matrix`` stay zero.
     A Hessian that is not positive definite after damping is retried with 10x the damping."""
     W = matrix.detach().to(torch.float32).clone()
-    rows, columns = W.shape
+    columns = W.shape[1]
     pruned = W == 0
-    scale, zero = group_grid(W, bits, group_size, symmetric)
-    scale_cols, zero_cols = per_column(scale, columns, group_size), per_column(zero, columns, group_size).float()
+    scale, zero = group_grid(W, bits, group_size, symmetric, scale_method)
+    # The group of every column, not scales expanded per weight: this runs on the largest matrices
+    # of a model, and a per-weight copy would cost 4 bytes a weight (peak memory, benchmarks/one_shot.py).
+    group = torch.arange(columns, device=W.device) // group_columns(columns, group_size)
+    zero_f = zero.to(torch.float32)
     if hessian is None:
-        codes = torch.where(pruned, zero_cols, round_to_grid(W, scale_cols, zero_cols, bits))
-        return codes.to(torch.int64), scale, zero, 0.0
+        codes = torch.empty_like(W)
+        for g in range(scale.shape[1]):
+            cols = group == g
+            codes[:, cols] = torch.where(pruned[:, cols], zero_f[:, g:g + 1],
+                                         round_to_grid(W[:, cols], scale[:, g:g + 1], zero_f[:, g:g + 1], bits))
+        return codes.to(torch.uint8), scale, zero, 0.0
     H = without_dead_inputs(W, hessian)
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns, device=W.device)
-    W, H, pruned = W[:, order], H[order][:, order], pruned[:, order]
-    scale_cols, zero_cols = scale_cols[:, order], zero_cols[:, order]
+    W, H, pruned, group = W[:, order], H[order][:, order], pruned[:, order], group[order]
     inverse, used = inverse_hessian_factor(H, damping)
+    del H
     codes = torch.zeros_like(W)
     for start in range(0, columns, block_columns):
         end = min(start + block_columns, columns)
         block, block_inverse = W[:, start:end].clone(), inverse[start:end, start:end]
         errors = torch.zeros_like(block)
         for i in range(end - start):
-            j = start + i
-            w = block[:, i]
-            q = torch.where(pruned[:, j], zero_cols[:, j], round_to_grid(w, scale_cols[:, j], zero_cols[:, j], bits))
+            j, g = start + i, int(group[start + i])
+            w, s, z = block[:, i], scale[:, g], zero_f[:, g]
+            q = torch.where(pruned[:, j], z, round_to_grid(w, s, z, bits))
             codes[:, j] = q
-            error = (w - (q - zero_cols[:, j]) * scale_cols[:, j]) / block_inverse[i, i]
+            error = (w - (q - z) * s) / block_inverse[i, i]
             block[:, i:] -= error[:, None] * block_inverse[i, i:][None, :]
             errors[:, i] = error
         W[:, end:] -= errors @ inverse[start:end, end:]
-    codes = codes[:, torch.argsort(order)]
-    return codes.to(torch.int64), scale, zero, used
+    return codes[:, torch.argsort(order)].to(torch.uint8), scale, zero, used
 
 
 # --- storage ------------------------------------------------------------------------------------
@@ -202,7 +212,11 @@ class GroupQuantizedWeight(StoredWeight):
     def from_codes(cls, site: WeightSite, absolute: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                    group_size: int, symmetric: bool, like: torch.Tensor) -> GroupQuantizedWeight:
         """Built from absolute grid levels (``out x in``) and the per-group ``scale`` / ``zero``."""
-        relative = ((absolute - per_column(zero, absolute.shape[1], group_size)) % (1 << bits)).cpu()
+        relative = torch.empty_like(absolute, dtype=torch.uint8, device="cpu")
+        width = group_columns(absolute.shape[1], group_size)
+        for g, start in enumerate(range(0, absolute.shape[1], width)):  # per group: no per-weight zero copy
+            part = absolute[:, start:start + width].to(torch.int16) - zero[:, g:g + 1].to(torch.int16)
+            relative[:, start:start + width] = (part % (1 << bits)).cpu()
         storage = choose_code_storage(relative, bits)
         weight = cls(site, bits, group_size, symmetric, storage, like.dtype, like.device)
         values = {"relative_codes": stored_codes(relative, bits, storage), "scale": scale}
@@ -289,7 +303,7 @@ class GPTQ(Technique):
             matrix = site.matrix(model)
             codes, scale, zero, used = gptq_quantize(matrix, None if stats is None else stats.hessian, bits,
                                                      config.group_size, config.symmetric, config.damping,
-                                                     config.act_order)
+                                                     config.act_order, config.scale_method)
             if stats is not None and used != config.damping:
                 ctx.note(f"gptq: {site_label(site)}: Hessian needed damping {used:g} to be positive definite")
             weight = GroupQuantizedWeight.from_codes(site, codes, scale, zero, bits, config.group_size,

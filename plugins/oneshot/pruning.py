@@ -39,8 +39,9 @@ PATTERNS = (UNSTRUCTURED, "2:4", "4:8")  # searched; any n:m with n < m can be c
 class OneShotPruningConfig:
     technique: ClassVar[str] = "one-shot pruning"  # names the fields in error messages
     pattern: str = UNSTRUCTURED  # or "n:m": n kept of every m consecutive inputs
-    sparsity: dict[str, float] = field(default_factory=dict)  # unstructured: site setting_key -> zeros
-    default_sparsity: float = 0.5  # unstructured, for sites not named in ``sparsity``
+    # Site setting_key -> fraction of zeros (N:M: any nonzero value means "apply the pattern").
+    sparsity: dict[str, float] = field(default_factory=dict)
+    default_sparsity: float = 0.5  # for sites not named in ``sparsity``
     calibration_samples: int = 128
     calibration_batch_size: int = 32
 
@@ -99,15 +100,16 @@ class OneShotPruning(MaskedTechnique):
         return self.Config(sparsity=suggest_site_sparsity(space, task), default_sparsity=0.0)
 
     def site_sparsity(self, site: WeightSite, config, ctx: TechniqueContext) -> float:
-        """The fraction of zeros ``config`` asks of ``site`` (N:M: its own, noted as 0 here)."""
+        """The fraction of zeros ``config`` asks of ``site``: its ``sparsity`` setting (or
+        ``default_sparsity``); with an N:M pattern, the pattern's on every site whose setting is
+        nonzero (so a sparsity of 0 keeps a site dense in both modes)."""
         configured = site_setting(site, config.sparsity)
         if site.role == "position_embedding" and configured is None:
             ctx.note(f"{self.name}: position embedding {site_label(site)} left dense: not searched (a small table "
                      "every token reads); name it in sparsity to prune it")
             return 0.0
-        if config.n_m:
-            return 1.0 - config.n_m[0] / config.n_m[1]
-        return config.default_sparsity if configured is None else configured
+        value = config.default_sparsity if configured is None else configured
+        return 1.0 - config.n_m[0] / config.n_m[1] if config.n_m and value > 0 else value
 
     def apply(self, model: nn.Module, config, ctx: TechniqueContext) -> nn.Module:
         model.eval()

@@ -246,3 +246,15 @@ def test_awq_scales_cut_the_quantized_error_on_outlier_channels():
     assert alpha > 0
     unscaled = quantization_error([w], stats.hessian, torch.ones(64), config)
     assert quantization_error([w], stats.hessian, scales, config) < 0.8 * unscaled
+
+
+def test_nm_pattern_only_on_sites_with_nonzero_sparsity():
+    from slimforge.plugins.oneshot.wanda import Wanda, WandaConfig
+
+    task = tiny_task("slimforge.core.testing:tiny_mlp")
+    config = WandaConfig(pattern="2:4", sparsity={"1": 0.5}, default_sparsity=0.0, calibration_samples=64)
+    ctx = TechniqueContext(task=task)
+    model = Wanda().apply(copy.deepcopy(task.teacher), config, ctx)
+    assert set(ctx.state["masks"]) == {"1.weight"}
+    assert torch.all((model[1].weight != 0).view(64, -1, 4).sum(dim=-1) <= 2)
+    assert torch.equal(model[3].weight, task.teacher[3].weight)
