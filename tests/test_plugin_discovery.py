@@ -183,7 +183,7 @@ def test_a_hook_signature_error_is_one_startup_line_and_the_answer_when_its_tech
     # A name no plugin is known to provide still lists the valid ones, and says which plugin failed.
     with pytest.raises(LookupError) as info:
         plugins.registry.get("h2_binary")
-    assert str(info.value).startswith("technique: unknown 'h2_binary'; valid choices: cosine_merge, ")
+    assert str(info.value).startswith("technique: unknown 'h2_binary'; valid choices: awq, cosine_merge, ")
     assert str(info.value).endswith(f"; plugins that failed to load: 'h1' ({WRONG_SIGNATURE_REASON})")
 
 
@@ -322,7 +322,7 @@ def _listed(slimforge_cmd, env) -> dict[str, list[str]]:
     proc = subprocess.run([*slimforge_cmd, "plugins", "list", "--strict-plugins"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return {cells[0]: cells for cells in (re.split(r"\s{2,}", line, maxsplit=4) for line in proc.stdout.splitlines()[1:])}
+    return {cells[0]: cells for cells in (re.split(r"\s{2,}", line, maxsplit=5) for line in proc.stdout.splitlines()[1:])}
 
 
 @pytest.mark.slow
@@ -331,9 +331,10 @@ def test_the_example_plugin_installs_searches_and_uninstalls(example_package, tm
     env.pop("SLIMFORGE_DISABLE_PLUGIN_AUTOLOAD", None)
     env["OMP_NUM_THREADS"] = "1"
     rows = _listed(slimforge_cmd, env)
-    assert rows["bias_correction"][:4] == ["bias_correction", "correction", "75 (after quantization)",
+    # technique, family, stage, one-shot (joins --no-finetune: neither needs fine-tuning), source
+    assert rows["bias_correction"][:5] == ["bias_correction", "correction", "75 (after quantization)", "yes",
                                            f"{EXAMPLE_DIST} 0.2.0"]
-    assert rows["ternary"][:4] == ["ternary", "quantization", "70 (quantization)", f"{EXAMPLE_DIST} 0.2.0"]
+    assert rows["ternary"][:5] == ["ternary", "quantization", "70 (quantization)", "yes", f"{EXAMPLE_DIST} 0.2.0"]
 
     config = tmp_path / "task.toml"
     config.write_text(sf_testing_models.task_toml())
