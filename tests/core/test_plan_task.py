@@ -16,6 +16,7 @@ from slimforge.core.errors import ConfigError, TaskError, UnknownNameError
 from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.core.task import (FactoryRef, Task, accuracy, builtin_tasks, load_task, read_toml, task_from_config,
                                  task_from_source, task_from_table)
+from slimforge.search.budgets import Budgets
 
 # --- plans ----------------------------------------------------------------------------------------
 
@@ -153,6 +154,17 @@ def test_task_splits_calibration_and_example_inputs(tiny_task):
 def test_accuracy_metric():
     outputs = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     assert accuracy(outputs, torch.tensor([1, 0, 0, 0])) == 0.75
+
+
+def test_accuracy_is_an_exact_ratio_so_a_drop_of_exactly_the_budget_is_feasible():
+    # 974 of 1000 right against a baseline of 984: exactly 1 pt down.  A float32 mean gives
+    # 0.97399997..., under the 0.974 floor; the count ratio gives 0.974 and the trial is feasible.
+    targets = torch.zeros(1000, dtype=torch.long)
+    outputs = torch.zeros(1000, 2)
+    outputs[974:, 1] = 1.0
+    assert accuracy(outputs, targets) == 0.974
+    budgets = Budgets(max_accuracy_drop=0.01).resolve(baseline_accuracy=0.984)
+    assert Budgets.feasible(budgets.violations(accuracy=accuracy(outputs, targets)))
 
 
 # --- loading tasks from names and config tables ---------------------------------------------------
