@@ -36,7 +36,7 @@ import pytest
 import sf_testing_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracking"))  # the tracking tests' server helper
-from sf_mlflow_server import MlflowServer  # noqa: E402
+from sf_mlflow_server import MlflowServer, assert_search_tracked_over_http  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
 ray = pytest.importorskip("ray")
@@ -142,8 +142,6 @@ def _search(slimforge_cmd, tmp_path: Path, address: str, env: dict, trials: int,
 
 
 def test_two_node_search_spreads_trials_and_ships_every_artifact(cluster, slimforge_cmd, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     proc, out, _ = _search(slimforge_cmd, tmp_path, cluster.address, cluster.with_token, 4,
                            "--tracking-uri", cluster.server.uri)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -168,13 +166,7 @@ def test_two_node_search_spreads_trials_and_ships_every_artifact(cluster, slimfo
     assert summary["pareto"] and all(m.get("test_measurements") for m in summary["pareto"])
 
     # Tracked over HTTP: the parent run finished, one run per trial, the registered members' versions.
-    client = MlflowClient(tracking_uri=cluster.server.uri, registry_uri=cluster.server.uri)
-    experiment = client.get_experiment_by_name("slimforge")
-    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # uploaded through the server
-    (parent,) = client.search_runs([experiment.experiment_id], "tags.`slimforge.kind` = 'search'")
-    assert parent.info.run_id == summary["links"]["mlflow_parent_run_id"] and parent.info.status == "FINISHED"
-    runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.info.run_id for r in runs) == sorted(t["links"]["mlflow_run_id"] for t in trials)
+    client, _, _ = assert_search_tracked_over_http(cluster.server.uri, summary, trials)
     versions = client.search_model_versions("name='tiny-compressed'")
     assert sorted(int(v.version) for v in versions) == sorted(
         m["links"]["model_version"] for m in summary["pareto"] if "model_version" in m["links"])

@@ -86,3 +86,20 @@ class MlflowServer:
             return True
         except ProcessLookupError:
             return False
+
+
+def assert_search_tracked_over_http(server_uri: str, summary: dict, trials: list[dict]):
+    """The checks every search logged through ``mlflow server`` must pass: its experiment's
+    artifacts are served (``mlflow-artifacts:``), its one search run finished, and there is one
+    nested run per trial of ``trials`` (records with ``links.mlflow_run_id``).  Returns
+    ``(client, experiment, parent)`` for the caller's own checks."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=server_uri, registry_uri=server_uri)
+    experiment = client.get_experiment_by_name("slimforge")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # uploaded through the server
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`slimforge.kind` = 'search'")
+    assert parent.info.run_id == summary["links"]["mlflow_parent_run_id"] and parent.info.status == "FINISHED"
+    runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_id for r in runs) == sorted(t["links"]["mlflow_run_id"] for t in trials)
+    return client, experiment, parent

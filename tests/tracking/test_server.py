@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sf_mlflow_server import MlflowServer, free_port
+from sf_mlflow_server import MlflowServer, assert_search_tracked_over_http, free_port
 from slimforge.app.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -74,20 +74,12 @@ def served(request, tmp_path_factory):
 
 
 def test_search_logs_every_trial_and_registers_the_pareto_front_on_the_server(served):
-    from mlflow.tracking import MlflowClient
-
     assert served.search == 0
     summary = served.summary
     assert summary["pareto"], f"seed {SEED} gave no Pareto member"
     assert not (served.root / "out" / "mlflow-pending.jsonl").exists()
     assert "mlflow_pending" not in summary["links"]
-    client = MlflowClient(tracking_uri=served.server.uri, registry_uri=served.server.uri)
-    experiment = client.get_experiment_by_name("slimforge")
-    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied through the server
-    (parent,) = client.search_runs([experiment.experiment_id], "tags.`slimforge.kind` = 'search'")
-    assert parent.info.run_id == summary["links"]["mlflow_parent_run_id"] and parent.info.status == "FINISHED"
-    trials = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.info.run_id for r in trials) == sorted(t["links"]["mlflow_run_id"] for t in summary["trials"])
+    client, experiment, parent = assert_search_tracked_over_http(served.server.uri, summary, summary["trials"])
     cost = summary["links"]["mlflow_logging"]
     assert parent.data.metrics["mlflow_logging_trial_mean_s"] == cost["trial_mean_s"]
     assert parent.data.metrics["mlflow_logging_trial_max_s"] == cost["trial_max_s"]
