@@ -442,7 +442,24 @@ class MlflowWriter:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         version = mlflow.register_model(model_uri, name, tags={**op["version_tags"], "run_id": run_id})
+        version = self._first_version_of_run(client, name, run_id, version)
         return {"run_id": run_id, "links": {"mlflow_run_id": run_id, **self._version_links(name, version.version)}}
+
+    @staticmethod
+    def _first_version_of_run(client, name: str, run_id: str, ours):
+        """Two searches of one study can register the same Pareto member at once: both looked for
+        its version, found none, and registered one.  No lock spans processes on different nodes,
+        so the registry itself decides: the lowest version of the run stays, and whoever made a
+        higher one deletes it (and the model it logged for it) and reports the lowest.  Every
+        interleaving leaves exactly one version, since nobody deletes the lowest."""
+        versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+        first = min(versions, key=lambda v: int(v.version), default=ours)
+        if int(first.version) >= int(ours.version):
+            return ours
+        client.delete_model_version(name, ours.version)
+        if getattr(ours, "model_id", None) and ours.model_id != getattr(first, "model_id", None):
+            client.delete_logged_model(ours.model_id)
+        return first
 
     def _logged_model_uri(self, op: dict, run_id: str) -> str | None:
         """A model this trial run already logged completely (a registration interrupted after it)."""

@@ -24,7 +24,7 @@ from slimforge.core.plan import Plan, PlanStep, Recovery
 from slimforge.search.budgets import Budgets
 from slimforge.search.objective import TrialRunner
 from slimforge.search.records import SearchResult
-from slimforge.tracking.mlflow import MlflowTracker
+from slimforge.tracking.mlflow import MlflowTracker, MlflowWriter
 from slimforge.tracking.registry import ALIAS, PROMOTIONS_EXPERIMENT, promote
 
 # The module's registry fixture runs a tracked search first; filterwarnings: torch.ao deprecation chatter.
@@ -183,3 +183,23 @@ def test_smallest_needs_a_floor_and_unknown_models_list_the_known_ones(registry,
     assert "--min-accuracy: required by --policy smallest" in capsys.readouterr().err
     assert main(["promote", "--model", "nope", "--tracking-uri", registry.uri]) == 2
     assert MODEL in capsys.readouterr().err
+
+
+def test_a_member_two_searches_registered_at_once_keeps_one_version(registry):
+    """Two searches of one study may both look for trial 1's version, find none and register it.
+    The racer's version (here registered by hand from the same run) is deleted by the racer and the
+    first version is what both report; the registry ends with one version of the run."""
+    import mlflow
+
+    run_id = registry.records[1].links["mlflow_run_id"]
+    first = registry.client.get_model_version(MODEL, "2")
+    mlflow.set_tracking_uri(registry.uri)
+    mlflow.set_registry_uri(registry.uri)
+    racer = mlflow.register_model(first.source, MODEL, tags=first.tags)
+    assert int(racer.version) > 3
+
+    kept = MlflowWriter._first_version_of_run(registry.client, MODEL, run_id, racer)
+    assert str(kept.version) == "2"
+    assert [str(v.version) for v in registry.client.search_model_versions(f"name='{MODEL}' and run_id='{run_id}'")] == ["2"]
+    # the first registration of a run is kept as it is
+    assert MlflowWriter._first_version_of_run(registry.client, MODEL, run_id, first).version == first.version
