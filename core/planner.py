@@ -56,6 +56,11 @@ class Planner:
             self.techniques = runnable
             if not runnable:
                 raise ConfigError("techniques: none of the enabled techniques can run here")
+        enabled = {t.name for t in self.techniques}
+        for technique in self.techniques:
+            if explicit and technique.must_precede and not technique.must_precede & enabled:
+                raise ConfigError(f"techniques: {technique.name!r} is useful only before one of "
+                                  f"{', '.join(sorted(technique.must_precede))}; enable one of them too")
         self.by_family: dict[str, list[Technique]] = {}
         for technique in sorted(self.techniques, key=lambda t: (t.stage, t.name)):
             self.by_family.setdefault(family_name(technique.family), []).append(technique)
@@ -64,12 +69,19 @@ class Planner:
         chosen: list[Technique] = []
         families = list(self.by_family.items())
         for index, (family, members) in enumerate(families):
-            allowed = [t for t in members if not self._conflicts(t, chosen)]
-            choices = ["none", *(t.name for t in allowed)]
-            name = f"use.{family}" if len(allowed) == len(members) else f"use.{family}[{'|'.join(choices[1:]) or 'none'}]"
+            later = [t for _, others in families[index + 1:] for t in others]
+            allowed = [t for t in members if not self._conflicts(t, chosen, later)]
+            owed = self._owed(chosen)
+            if owed and any(t.name in owed for t in allowed):
+                # An earlier choice is useful only before one of these: this family must pick one.
+                allowed = [t for t in allowed if t.name in owed]
+                choices, name = [t.name for t in allowed], f"use.{family}[{'|'.join(t.name for t in allowed)}|required]"
+            else:
+                choices = ["none", *(t.name for t in allowed)]
+                name = f"use.{family}" if len(allowed) == len(members) else f"use.{family}[{'|'.join(choices[1:]) or 'none'}]"
             if index == len(families) - 1 and not chosen and allowed:
                 # An empty plan is the baseline, which is measured anyway: spend no trial on it.
-                choices, name = choices[1:], f"use.{family}[required]"
+                choices, name = [t.name for t in allowed], f"use.{family}[required]"
             pick = space.suggest_categorical(name, choices) if len(choices) > 1 else choices[0]
             chosen.extend(t for t in allowed if t.name == pick)
         chosen.sort(key=lambda t: (t.stage, t.name))
@@ -110,13 +122,28 @@ class Planner:
                               f"{valid}")
         return one_shot
 
-    @staticmethod
-    def _conflicts(candidate: Technique, chosen: list[Technique]) -> bool:
-        """True when ``candidate`` may not share a plan with the techniques already chosen."""
+    @classmethod
+    def _conflicts(cls, candidate: Technique, chosen: list[Technique], later: list[Technique] = ()) -> bool:
+        """True when ``candidate`` may not share a plan with the techniques already chosen, or is
+        useful only before a technique (``must_precede``) that none of the ``later`` families can
+        still add."""
         if candidate.must_follow and not any(t.name in candidate.must_follow for t in chosen):
             return True
         for other in chosen:
             first, second = sorted((other, candidate), key=lambda t: t.stage)
             if type(second).conflicts_with(type(first)):
                 return True
+        if candidate.must_precede:
+            return not any(t.name in candidate.must_precede and not cls._conflicts(t, [*chosen, candidate])
+                           for t in later)
         return False
+
+    @staticmethod
+    def _owed(chosen: list[Technique]) -> set[str]:
+        """The techniques one of which must still come, for a chosen ``must_precede`` technique
+        that nothing chosen after it satisfies yet (the intersection when several are owed)."""
+        owed: set[str] | None = None
+        for index, technique in enumerate(chosen):
+            if technique.must_precede and not any(t.name in technique.must_precede for t in chosen[index + 1:]):
+                owed = set(technique.must_precede) if owed is None else owed & technique.must_precede
+        return owed or set()

@@ -194,6 +194,10 @@ class Technique:
     # Non-empty: the technique is only useful after one of these (e.g. bias correction after a
     # weight quantizer); the planner never samples it without one of them earlier in the plan.
     must_follow: ClassVar[frozenset[str]] = frozenset()
+    # Non-empty: the technique is only useful before one of these (e.g. activation-aware scaling
+    # before a weight quantizer, which alone compresses nothing); the planner samples it only
+    # together with one of them later in the plan.
+    must_precede: ClassVar[frozenset[str]] = frozenset()
     # (low, high) recovery epochs the search should consider when this technique is in a plan;
     # None keeps the planner's default range.
     recovery_epochs: ClassVar[tuple[int, int] | None] = None

@@ -320,3 +320,5 @@ class TechniqueConformance:
                     assert not later.conflicts_with(earlier), plan.describe()
                 if later.must_follow:
                     assert any(c.name in later.must_follow for c in classes[:i]), plan.describe()
+                if later.must_precede:
+                    assert any(c.name in later.must_precede for c in classes[i + 1:]), plan.describe()

@@ -9,7 +9,8 @@ matrices that read the same input, the scales are ``s = a^alpha`` (normalised to
 mean |x|; the RMS comes from the same statistics GPTQ gathers), and ``alpha`` is the one of 20
 values in [0, 1) that minimises the quantized group's output error on calibration inputs,
 ``sum_c tr(dW_c H dW_c^T)`` with ``dW_c = Q(W_c diag(s)) diag(s)^-1 - W_c``, ``H = 2 X^T X`` and ``Q``
-round-to-nearest on weight_only_quant's grid at the configured ``bits`` / ``group_size``
+round-to-nearest on weight_only_quant's grid at the configured ``bits`` / ``group_size``, its
+scale from the min-max range (the reference's scale search does not clip either)
 (``alpha = 0``, no scaling, is a candidate: the search never makes that error worse).
 
 The scales are *folded*, so nothing new is stored and the float function is unchanged: the
@@ -28,7 +29,8 @@ matrices; the places slimforge knows (by module structure, not class lists per m
 Every other site is left unscaled with a note (post-norm layers like BERT's, where the norm's
 output also feeds the residual; a tied LM head, whose columns are the embedding's; a Gemma-style
 ``(1 + w)`` norm).  A plan puts ``awq`` (``Stage.SCALING`` 65, ``Family.SCALING``) before ``gptq`` or
-``weight_only_quant`` (stage 70), which then quantize the scaled weights.
+``weight_only_quant`` (stage 70), which then quantize the scaled weights; the planner samples it only
+together with such a quantizer (``must_precede``): alone it compresses nothing.
 """
 
 from __future__ import annotations
@@ -139,8 +141,10 @@ def quantization_error(matrices: list[torch.Tensor], hessian: torch.Tensor, scal
     total = 0.0
     for matrix in matrices:
         scaled = matrix * scales[None, :]
+        # Min-max grid, as the reference scale search's pseudo-quantizer: the following quantizer's
+        # clipping search (46 ratios) run for each of 20 alphas made awq the costliest one-shot step.
         codes, scale, zero, _ = gptq_quantize(scaled, None, config.bits, config.group_size, config.symmetric, 0.01,
-                                              False)
+                                              False, scale_method="minmax")
         columns = matrix.shape[1]
         dequantized = (codes - per_column(zero, columns, config.group_size)).float() * per_column(
             scale, columns, config.group_size)
@@ -170,6 +174,8 @@ class AWQ(Technique):
     family, stage, Config = Family.SCALING, Stage.SCALING, AWQConfig
     requires = frozenset({"calibration_data"})  # one-shot: no needs_recovery
     cannot_follow = frozenset({"kmeans_clustering"})
+    # Scaling alone compresses nothing (the fold is exact): only before a quantizer of the weights.
+    must_precede = frozenset({"gptq", "weight_only_quant", "int8_dynamic", "int8_ptq"})
 
     def suggest(self, space, task) -> AWQConfig:
         return AWQConfig(bits=space.suggest_categorical("bits", list(BIT_CHOICES)),

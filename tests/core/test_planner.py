@@ -157,6 +157,30 @@ def test_composition_rules_are_never_violated(tiny_task):
     assert ("marker",) in combos and ("int8_ptq",) in combos
 
 
+def test_a_technique_useful_only_before_another_is_never_planned_without_it(tiny_task):
+    """``must_precede``: activation-aware scaling alone compresses nothing; the planner samples it
+    only with a quantizer after it, and refuses it when named without one."""
+    Scaling = _technique("scaling", "scaling", Stage.SCALING, must_precede=frozenset({"int8_ptq"}))
+    planner = Planner(_registry(MagnitudePruning, Int8PTQ, Scaling))
+    combos = set()
+    for seed in range(40):
+        suggester = RecordingSuggester(seed=seed)
+        names = planner.sample(suggester, tiny_task, seed=0).technique_names
+        if "scaling" in names:
+            assert names[-1] == "int8_ptq"
+            # the quantization family was not asked: its one remaining choice was forced
+            assert not any(name.startswith("use.quantization") for name in suggester.choices), suggester.choices
+        combos.add(tuple(names))
+    assert {("scaling", "int8_ptq"), ("magnitude_pruning", "scaling", "int8_ptq"), ("int8_ptq",)} <= combos
+    # with its quantizer left out, it is never offered ...
+    assert all("scaling" not in Planner(_registry(MagnitudePruning, Scaling), None).sample(
+        FixedSuggester(seed=seed), tiny_task, seed=0).technique_names for seed in range(10))
+    # ... and naming it alone says what it needs
+    with pytest.raises(ConfigError, match=re.escape(
+            "techniques: 'scaling' is useful only before one of int8_ptq; enable one of them too")):
+        Planner(_registry(MagnitudePruning, Int8PTQ, Scaling), ["magnitude_pruning", "scaling"])
+
+
 def test_plans_round_trip_through_json(tiny_task):
     planner = Planner(_registry(MagnitudePruning, Int8PTQ))
     for seed in range(5):
