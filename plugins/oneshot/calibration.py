@@ -124,6 +124,21 @@ def _hooks_visible():
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module):
+    """A Hugging Face model's ``config.use_cache`` off while calibration runs it: a forward pass
+    would otherwise build every layer's keys and values for the batch, which nothing reads."""
+    config = getattr(model, "config", None)
+    used = getattr(config, "use_cache", None)
+    if used:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if used:
+            config.use_cache = used
+
+
 # --- where a site's inputs are caught --------------------------------------------------------------
 
 def _unfold(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +209,25 @@ def capture_point(model: nn.Module, site: WeightSite):
 
 # --- the sequential driver ------------------------------------------------------------------------
 
-_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+# A block's key/value cache argument, by the names transformers has used (5.x: ``cache``).
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _is_cache(value) -> bool:
+    """A Hugging Face ``Cache`` object, whatever the argument holding it is called (checked by class
+    name, so transformers need not be importable)."""
+    return any(cls.__name__ == "Cache" and cls.__module__.startswith("transformers")
+               for cls in type(value).__mro__)
+
+
+def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block's call with no key/value cache (GPT-2 passes it by position): a cache kept between the block's runs
+    (its statistics pass, then its output pass) would make the second attend to the first's keys
+    -- those of the block before it was compressed -- and would grow by the block's keys and
+    values for every calibration batch each run (on a 12-layer decoder, hundreds of MB)."""
+    return (tuple(None if _is_cache(a) else a for a in args),
+            {k: (None if k in _CACHE_ARGUMENTS or _is_cache(v) else False if k == "use_cache" else v)
+             for k, v in kwargs.items()})
 
 
 class _StopForward(Exception):
@@ -224,7 +257,7 @@ def _gather(model: nn.Module, sites: list[WeightSite], full: bool, module: nn.Mo
                     raise _StopForward
         handles.append(point.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        with _hooks_visible():
+        with _hooks_visible(), _no_kv_cache(model):
             for args, kwargs in calls:
                 with contextlib.suppress(_StopForward):
                     module(*args, **kwargs)
@@ -303,14 +336,12 @@ def _catch_block_inputs(model: nn.Module, block: nn.Module, inputs: list[torch.T
     caught = []
 
     def catch(_module, args, kwargs):
-        # A key/value cache would grow each time the block runs again: the block runs without one.
-        kwargs = {k: (None if k in _CACHE_ARGUMENTS else False if k == "use_cache" else v) for k, v in kwargs.items()}
-        caught.append((args, kwargs))
+        caught.append(_without_cache(args, kwargs))
         raise _StopForward
 
     handle = block.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        with _hooks_visible():
+        with _hooks_visible(), _no_kv_cache(model):
             for x in inputs:
                 with contextlib.suppress(_StopForward):
                     model(x)

@@ -258,3 +258,41 @@ def test_nm_pattern_only_on_sites_with_nonzero_sparsity():
     assert set(ctx.state["masks"]) == {"1.weight"}
     assert torch.all((model[1].weight != 0).view(64, -1, 4).sum(dim=-1) <= 2)
     assert torch.equal(model[3].weight, task.teacher[3].weight)
+
+
+
+@pytest.mark.parametrize("architecture", ["tiny_transformer", "tiny_llama", "tiny_gpt2"])
+def test_last_block_statistics_are_those_of_the_model_compressed_before_it(architecture):
+    """The last block's sites get the statistics one whole-model pass gives on the model with every
+    earlier site compressed (here: halved) and that block not yet: each block runs on exactly the
+    inputs the compressed model gives it.  A Hugging Face key/value cache carried between a block's
+    runs (its statistics pass, then its output pass) fails this: the output pass attends to the
+    keys of the uncompressed run, and the cache grows by a block's keys and values each run."""
+    from slimforge.core.sites import weight_sites
+    from slimforge.plugins.common import site_order
+    from slimforge.plugins.oneshot.calibration import block_of, gather_statistics
+
+    task = tiny_task(f"slimforge.core.testing:{architecture}")
+    batches = [task.split("train")[:][0][start:start + 8] for start in (0, 8)]
+    model = copy.deepcopy(task.teacher).eval()
+    sites = weight_sites(model)
+    blocks = repeated_blocks(model, sites)
+    order = site_order(model, (batches[0][:1],), sites)
+    in_last = [name for name in order if block_of(sites[name], blocks) == len(blocks[1]) - 1]
+    earlier = order[:order.index(in_last[0])]
+    seen = {}
+
+    def halve(site, stats, why):
+        seen[site.name] = stats
+        site.set_matrix(model, site.matrix(model) * 0.5)
+
+    compress_sequentially(model, sites, batches, halve)
+    reference = copy.deepcopy(task.teacher).eval()
+    reference_sites = weight_sites(reference)
+    for name in earlier:
+        reference_sites[name].set_matrix(reference, reference_sites[name].matrix(reference) * 0.5)
+    whole, _ = gather_statistics(reference, [reference_sites[name] for name in in_last], batches)
+    compared = [name for name in in_last if whole[name] is not None]
+    assert len(compared) >= 2
+    for name in compared:
+        torch.testing.assert_close(seen[name].hessian, whole[name].hessian, rtol=1e-4, atol=1e-6, msg=name)
