@@ -274,12 +274,16 @@ def memory_child(samples: int, length: int) -> None:
                     splits={"train": data, "val": data, "test": data}, source={"benchmark": "memory"})
 
     def build(config):
+        llama = transformers.LlamaConfig(**config)
         with torch.device("meta"):
-            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+            model = transformers.LlamaForCausalLM(llama)
         model = model.to_empty(device="cpu")  # weights without init's temporaries; values below
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02)
+        # to_empty leaves buffers uninitialised too: the rotary frequencies are computed again (left
+        # as they were, they are whatever the memory held, and attention turns NaN now and then).
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=llama)
         return model.eval()
 
     gptq = GPTQ()

@@ -165,11 +165,15 @@ def _encode_array(t: torch.Tensor, payload: _Payload) -> dict:
     if nnz == 0:  # includes empty tensors: nothing to store
         spec.update(layout="zeros", streams=[])
         return spec
-    pos = np.flatnonzero(nz)
-    skips = np.diff(pos, prepend=-1) - 1  # zeros skipped before each nonzero
-    fillers = skips // 256                # each filler entry advances 256 positions
-    sizes = {"dense": n * s, "bitmask": (n + 7) // 8 + nnz * s,
-             "relative": (nnz + int(fillers.sum())) * (1 + s)}
+    sizes = {"dense": n * s, "bitmask": (n + 7) // 8 + nnz * s}
+    # Relative indexing costs at least (1 + s) bytes a nonzero.  Where that alone loses, its gaps
+    # are not computed: they are three int64 arrays of the tensor's nonzeros, 24 bytes a weight of
+    # a dense code tensor (the transient peak of quantizing an LM head, benchmarks/one_shot.py).
+    if nnz * (1 + s) < min(sizes.values()):
+        pos = np.flatnonzero(nz)
+        skips = np.diff(pos, prepend=-1) - 1  # zeros skipped before each nonzero
+        fillers = skips // 256                # each filler entry advances 256 positions
+        sizes["relative"] = (nnz + int(fillers.sum())) * (1 + s)
     layout = min(sizes, key=sizes.get)  # ties keep the earlier (simpler) layout
     if layout == "dense":
         streams = [payload.add(a.tobytes(), s)]

@@ -131,15 +131,23 @@ def without_dead_inputs(W: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
 def inverse_hessian_factor(H: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
     """The upper Cholesky factor of ``(H + lambda I)^-1`` with ``lambda = damping * mean(diag H)``,
     and the damping used: one that leaves the matrix not positive definite is retried 10x larger."""
-    mean_diagonal, identity = torch.diag(H).mean(), torch.eye(H.shape[0], device=H.device)
+    if not torch.isfinite(H).all():
+        raise torch.linalg.LinAlgError("the calibration Hessian holds NaN or inf: the site's inputs overflowed "
+                                       "or the model computes NaN on the calibration data")
+    diagonal = torch.diag(H).clone()
     used = damping
+    # Damped in place on the diagonal (no identity matrix, no damped copy): on a 2560-column
+    # Hessian each extra full matrix is 26 MB of peak memory.
     while used <= 1e3:
-        factor, info = torch.linalg.cholesky_ex(H + used * mean_diagonal * identity)
+        H.diagonal().copy_(diagonal + used * diagonal.mean())
+        factor, info = torch.linalg.cholesky_ex(H)
         if not info:
             inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
             if not info:
+                H.diagonal().copy_(diagonal)
                 return inverse, used
         used *= 10
+    H.diagonal().copy_(diagonal)
     raise torch.linalg.LinAlgError("the calibration Hessian stays singular after damping")
 
 
@@ -158,18 +166,21 @@ def gptq_quantize(matrix: torch.Tensor, hessian: torch.Tensor | None, bits: int,
     group = torch.arange(columns, device=W.device) // group_columns(columns, group_size)
     zero_f = zero.to(torch.float32)
     if hessian is None:
-        codes = torch.empty_like(W)
+        codes = torch.empty(W.shape, dtype=torch.uint8, device=W.device)
         for g in range(scale.shape[1]):
             cols = group == g
             codes[:, cols] = torch.where(pruned[:, cols], zero_f[:, g:g + 1],
-                                         round_to_grid(W[:, cols], scale[:, g:g + 1], zero_f[:, g:g + 1], bits))
-        return codes.to(torch.uint8), scale, zero, 0.0
+                                         round_to_grid(W[:, cols], scale[:, g:g + 1], zero_f[:, g:g + 1],
+                                                       bits)).to(torch.uint8)
+        return codes, scale, zero, 0.0
     H = without_dead_inputs(W, hessian)
-    order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns, device=W.device)
-    W, H, pruned, group = W[:, order], H[order][:, order], pruned[:, order], group[order]
+    order = None
+    if act_order:  # permuted copies only when the order changes: each is a copy of the matrix
+        order = torch.argsort(torch.diag(H), descending=True)
+        W, H, pruned, group = W[:, order], H[order][:, order], pruned[:, order], group[order]
     inverse, used = inverse_hessian_factor(H, damping)
     del H
-    codes = torch.zeros_like(W)
+    codes = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)  # levels < 2**8, cast on assignment
     for start in range(0, columns, block_columns):
         end = min(start + block_columns, columns)
         block, block_inverse = W[:, start:end].clone(), inverse[start:end, start:end]
@@ -183,7 +194,7 @@ def gptq_quantize(matrix: torch.Tensor, hessian: torch.Tensor | None, bits: int,
             block[:, i:] -= error[:, None] * block_inverse[i, i:][None, :]
             errors[:, i] = error
         W[:, end:] -= errors @ inverse[start:end, end:]
-    return codes[:, torch.argsort(order)].to(torch.uint8), scale, zero, used
+    return (codes if order is None else codes[:, torch.argsort(order)]), scale, zero, used
 
 
 # --- storage ------------------------------------------------------------------------------------
@@ -301,9 +312,12 @@ class GPTQ(Technique):
             if stats is None:
                 ctx.note(f"gptq: {site_label(site)}: {why}; rounded to nearest on the same grid (no error compensation)")
             matrix = site.matrix(model)
-            codes, scale, zero, used = gptq_quantize(matrix, None if stats is None else stats.hessian, bits,
-                                                     config.group_size, config.symmetric, config.damping,
-                                                     config.act_order, config.scale_method)
+            try:
+                codes, scale, zero, used = gptq_quantize(matrix, None if stats is None else stats.hessian, bits,
+                                                         config.group_size, config.symmetric, config.damping,
+                                                         config.act_order, config.scale_method)
+            except torch.linalg.LinAlgError as exc:
+                raise torch.linalg.LinAlgError(f"gptq: {site_label(site)}: {exc}") from None
             if stats is not None and used != config.damping:
                 ctx.note(f"gptq: {site_label(site)}: Hessian needed damping {used:g} to be positive definite")
             weight = GroupQuantizedWeight.from_codes(site, codes, scale, zero, bits, config.group_size,

@@ -121,11 +121,25 @@ def _quantize_with(w2d: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
     return torch.clamp(torch.round(w2d / scale[:, None]) + zero[:, None], 0, (1 << bits) - 1)
 
 
+# Rows are quantized independently, in chunks of about this many weights: the clipping search makes
+# several matrix-sized float temporaries per ratio, which on an LM head (8192 x 768) were ~100 MB.
+ROW_CHUNK_WEIGHTS = 1 << 20
+
+
 def quantize_rows(w2d: torch.Tensor, bits: int, symmetric: bool, scale_method: str = "mse"):
     """Per-row (output channel) quantization of a 2-D float tensor.
 
     Returns ``(codes int64, scale float32 bfloat16-exact, zero_point int64)``."""
     w2d = w2d.detach().to(torch.float32)
+    rows = max(1, ROW_CHUNK_WEIGHTS // max(1, w2d.shape[1]))
+    if w2d.shape[0] <= rows:
+        return _quantize_row_chunk(w2d, bits, symmetric, scale_method)
+    parts = [_quantize_row_chunk(w2d[start:start + rows], bits, symmetric, scale_method)
+             for start in range(0, w2d.shape[0], rows)]
+    return tuple(torch.cat(part) for part in zip(*parts))
+
+
+def _quantize_row_chunk(w2d: torch.Tensor, bits: int, symmetric: bool, scale_method: str):
     qmax, mid = (1 << bits) - 1, 1 << (bits - 1)  # largest code; the symmetric zero point
     if symmetric:
         span = w2d.abs().amax(dim=1) / (mid - 1)
