@@ -194,7 +194,8 @@ def search_rows(key, task, runner, plugins, dense_bytes, seeds, args, rows, deta
     max_size = max(1, dense_bytes // args.size_ratio)
     budgets = Budgets.parse(max_accuracy_drop=args.max_drop, max_size=max_size)
     settings = SearchSettings(trials=args.trials, seed=0, out_dir=args.out / key / "search", tracking=False,
-                              progress=False, techniques=tuple(args.techniques.split(",")),
+                              progress=False, techniques=tuple(args.techniques.split(",")) if args.techniques else None,
+                              finetune=not getattr(args, "no_finetune", False),
                               study=f"{key}-{time.strftime('%Y%m%d-%H%M%S')}")
     search_started = time.perf_counter()
     result = run_search(task, budgets, settings, plugins=plugins)

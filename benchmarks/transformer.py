@@ -11,7 +11,8 @@ load it back -> measure the loaded model):
   distilled         ``parameter_distillation`` (``--width``) + ``knowledge_distillation`` (KL, T=4), fine-tuned
   search            ``run_search`` with at most ``--max-drop`` validation drop and a size budget of
                     dense / ``--size-ratio``; the smallest feasible Pareto member, then its plan re-run
-                    with more seeds (``benchmarks/compression.py``'s ``search_rows``)
+                    with more seeds (``benchmarks/compression.py``'s ``search_rows``); with
+                    ``--no-finetune`` the search of one-shot plans only (no trial trains)
 
 Fine-tuned rows report mean +- std over ``--seeds`` seeds; one-shot rows (int8, sub-int) are one
 deterministic model.  Columns: artifact bytes, ratio to the dense artifact, val / test next-token
@@ -21,6 +22,7 @@ its failure reason: the table says what does not work yet, it never hides it.
 
     python benchmarks/transformer.py                             # 3 seeds, 30 search trials
     python benchmarks/transformer.py --quick                     # 1 seed, 1-epoch fine-tuning, 4 trials
+    python benchmarks/transformer.py --rows '' --no-finetune --trials 40   # the one-shot search row alone
     python benchmarks/transformer.py --task text-chargpt-tiny --quick   # smoke run of the script itself
 """
 
@@ -112,7 +114,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30, help="search trials; 0 skips the search row")
     parser.add_argument("--size-ratio", type=int, default=8, help="search size budget: dense bytes / this (default 8)")
     parser.add_argument("--max-drop", default="1pt", help="search accuracy budget (validation), default 1pt")
-    parser.add_argument("--techniques", default=",".join(SEARCH_TECHNIQUES), help="techniques the search may use")
+    parser.add_argument("--techniques", default=None,
+                        help=f"techniques the search may use (default {','.join(SEARCH_TECHNIQUES)}; with "
+                             "--no-finetune every one-shot technique)")
+    parser.add_argument("--no-finetune", action="store_true",
+                        help="the search row without fine-tuning: one-shot plans (gptq, awq, sparsegpt, wanda, "
+                             "weight-only, int8), each trial seconds")
     parser.add_argument("--rows", default="int8,subint,prune_share,distilled",
                         help="hand-set rows to run (comma-separated; dense always runs)")
     parser.add_argument("--latency-rounds", type=int, default=5)
@@ -127,6 +134,8 @@ def main() -> None:
         args.latency_repeats = min(args.latency_repeats, 20)
     if args.seeds < 1:
         parser.error("--seeds: must be >= 1")
+    if args.techniques is None and not args.no_finetune:
+        args.techniques = ",".join(SEARCH_TECHNIQUES)
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in wanted if r not in LABELS or r == "dense"]
     if unknown:

@@ -296,3 +296,12 @@ def test_last_block_statistics_are_those_of_the_model_compressed_before_it(archi
     assert len(compared) >= 2
     for name in compared:
         torch.testing.assert_close(seen[name].hessian, whole[name].hessian, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gptq_names_a_nan_hessian_instead_of_calling_it_singular():
+    """Calibration inputs that overflowed give a NaN Hessian; damping cannot mend that, and the
+    error says what happened rather than "singular after damping"."""
+    hessian = hessian_of(correlated_inputs(256, 16))
+    hessian[3, 3] = float("nan")
+    with pytest.raises(torch.linalg.LinAlgError, match="NaN or inf"):
+        gptq_quantize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), hessian, 4, 0, True, 0.01, False)
