@@ -32,6 +32,7 @@ so it is switched off while statistics are gathered.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,6 +123,22 @@ def _hooks_visible():
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim(0)`` where the C library is glibc, else nothing."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+# Hands the heap's free pages back to the system.  glibc raises its mmap threshold as large blocks
+# are freed, after which the matrix-sized temporaries of each site stay resident once freed and
+# fragment the heap: on the 12-layer memory benchmark its default allocator held ~900 MB after gptq
+# for a 409 MB model.  Called after every site is compressed and after every block's output pass.
+release_freed_memory = _malloc_trim()
 
 
 @contextlib.contextmanager
@@ -303,6 +320,7 @@ def compress_sequentially(model: nn.Module, sites: dict[str, WeightSite], inputs
                           if point is not None else ({}, {site.name: reason}))  # nothing to catch: no forward pass
             compress(site, stats.get(site.name), why.get(site.name, ""))
             block_inputs = None  # a compressed site outside the blocks changes what the next block sees
+            release_freed_memory()
             continue
         block = blocks[1][key]
         if block_inputs is None or previous_block != key - 1:
@@ -312,9 +330,11 @@ def compress_sequentially(model: nn.Module, sites: dict[str, WeightSite], inputs
         for site in in_block:
             compress(site, stats.get(site.name), why.get(site.name, ""))
             stats.pop(site.name, None)  # free each Hessian once used
+            release_freed_memory()
         with _hooks_visible():
             block_inputs = [_with_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in block_inputs]
         previous_block = key
+        release_freed_memory()
 
 
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:

@@ -118,10 +118,12 @@ def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
 
 
-def without_dead_inputs(W: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """A float32 copy of ``hessian`` whose all-zero inputs (they multiply nothing in calibration)
-    get diagonal 1, their columns of ``W`` zeroed in place: the reference implementations' rule."""
-    H = hessian.to(device=W.device, dtype=torch.float32).clone()
+def without_dead_inputs(W: torch.Tensor, hessian: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """``hessian`` in float32 (a copy unless ``in_place``) whose all-zero inputs (they multiply
+    nothing in calibration) get diagonal 1, their columns of ``W`` zeroed in place: the reference
+    implementations' rule."""
+    H = hessian.to(device=W.device, dtype=torch.float32)
+    H = H if in_place and H.data_ptr() == hessian.data_ptr() else H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -142,7 +144,9 @@ def inverse_hessian_factor(H: torch.Tensor, damping: float) -> tuple[torch.Tenso
         H.diagonal().copy_(diagonal + used * diagonal.mean())
         factor, info = torch.linalg.cholesky_ex(H)
         if not info:
-            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            inverse = torch.cholesky_inverse(factor)
+            del factor  # one matrix fewer alive at the peak
+            inverse, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if not info:
                 H.diagonal().copy_(diagonal)
                 return inverse, used
@@ -152,11 +156,14 @@ def inverse_hessian_factor(H: torch.Tensor, damping: float) -> tuple[torch.Tenso
 
 
 def gptq_quantize(matrix: torch.Tensor, hessian: torch.Tensor | None, bits: int, group_size: int, symmetric: bool,
-                  damping: float, act_order: bool, scale_method: str = "mse", block_columns: int = BLOCK_COLUMNS):
+                  damping: float, act_order: bool, scale_method: str = "mse", block_columns: int = BLOCK_COLUMNS,
+                  consume_hessian: bool = False):
     """GPTQ on one ``out x in`` matrix: ``(absolute codes uint8, scale, zero_point, damping used)``.
 
     ``hessian`` None: round to nearest on the same grid.  Exact zeros of ``matrix`` stay zero.
-    A Hessian that is not positive definite after damping is retried with 10x the damping."""
+    A Hessian that is not positive definite after damping is retried with 10x the damping.
+    ``consume_hessian``: the caller is done with ``hessian``, which is then changed in place
+    instead of copied (dead inputs get diagonal 1): one Hessian less of peak memory."""
     W = matrix.detach().to(torch.float32).clone()
     columns = W.shape[1]
     pruned = W == 0
@@ -173,7 +180,7 @@ def gptq_quantize(matrix: torch.Tensor, hessian: torch.Tensor | None, bits: int,
                                          round_to_grid(W[:, cols], scale[:, g:g + 1], zero_f[:, g:g + 1],
                                                        bits)).to(torch.uint8)
         return codes, scale, zero, 0.0
-    H = without_dead_inputs(W, hessian)
+    H = without_dead_inputs(W, hessian, in_place=consume_hessian)
     order = None
     if act_order:  # permuted copies only when the order changes: each is a copy of the matrix
         order = torch.argsort(torch.diag(H), descending=True)
@@ -315,7 +322,8 @@ class GPTQ(Technique):
             try:
                 codes, scale, zero, used = gptq_quantize(matrix, None if stats is None else stats.hessian, bits,
                                                          config.group_size, config.symmetric, config.damping,
-                                                         config.act_order, config.scale_method)
+                                                         config.act_order, config.scale_method,
+                                                         consume_hessian=True)  # used once: see compress_sequentially
             except torch.linalg.LinAlgError as exc:
                 raise torch.linalg.LinAlgError(f"gptq: {site_label(site)}: {exc}") from None
             if stats is not None and used != config.damping:
