@@ -23,6 +23,7 @@
    checked for lost or duplicated trials.
 
     python benchmarks/search_scale.py --trials 12 --hv-trials 40
+    python benchmarks/search_scale.py --trials 40 --throughput-only
     python benchmarks/search_scale.py --store-only --postgres-url postgresql+psycopg://USER@HOST:PORT/DB
 """
 
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--hv-seeds", type=int, default=1, help="seeds per sampler for the hypervolume comparison")
     parser.add_argument("--ceiling-trials", type=int, default=6, help="fixed trials per process for the ceiling")
     parser.add_argument("--store-only", action="store_true", help="run only the shared study store comparison")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="run only the 1- vs 2-worker throughput and the machine's ceiling")
     parser.add_argument("--store-trials", type=int, default=160, help="trials per study in the store comparison")
     parser.add_argument("--postgres-url", help="a PostgreSQL database for the store comparison "
                                                "(postgresql+psycopg://USER@HOST:PORT/DB)")
@@ -230,6 +233,8 @@ def main() -> None:
     alone, together, ceiling = machine_ceiling(args.ceiling_trials, root)
     print(f"Machine ceiling: one fixed trial {alone:.2f} s alone, {together:.2f} s with a second process running the "
           f"same; efficiency of a second process {ceiling:.2f}\n")
+    if args.throughput_only:
+        return
 
     seeds = range(args.seed, args.seed + args.hv_seeds)
     print(f"Sampler quality ({args.hv_trials} trials each, seeds {', '.join(map(str, seeds))}, accuracy drop <= 2 pt)")
