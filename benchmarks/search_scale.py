@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from slimforge.core.sensitivity import sensitivity_of
 from slimforge.core.task import load_task
 from slimforge.search.budgets import Budgets
 from slimforge.app.api import SearchSettings, run_search
@@ -203,6 +204,10 @@ def main() -> None:
         return
     task = load_task()
     root = Path(tempfile.mkdtemp(prefix="sf-search-scale-"))
+    # Once-per-teacher costs (training it, measuring its sensitivity; both cached) paid before the
+    # timed searches, or the first of them would carry them and the comparison would not be like
+    # for like.
+    sensitivity_of(task)
 
     rows = []
     for workers in (1, 2):
