@@ -42,6 +42,7 @@ TECHNIQUES_ATTR = "slimforge_techniques"  # study user attr: the techniques it s
 # A process renews its trials' heartbeats this often; a trial owned on another host is stale when
 # its heartbeat is older than the grace period (many missed beats: a busy sqlite file delays some).
 HEARTBEAT_S = 5
+STORAGE_OPEN_ATTEMPTS = 5  # see study_storage: a concurrent first open of one database
 GRACE_S = 60
 
 
@@ -61,7 +62,18 @@ def study_storage(url: str):
     # Optuna warns that heartbeats are meant for Study.optimize; slimforge asks and tells itself
     # and renews the heartbeats itself (``_Heartbeats``).
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    import sqlalchemy.exc
+
+    # Two processes opening a database that does not exist yet both create Optuna's schema; the
+    # slower one fails on the faster one's rows ("UNIQUE constraint failed: alembic_version",
+    # "table ... already exists", "database is locked").  Opening again then finds the schema made.
+    for attempt in range(STORAGE_OPEN_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            if attempt == STORAGE_OPEN_ATTEMPTS - 1:
+                raise
+            time.sleep(0.25 * (attempt + 1))
 
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:

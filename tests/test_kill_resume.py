@@ -142,10 +142,14 @@ def _running(storage: str) -> list[int]:
 
     if not storage.endswith("optuna.db") or not os.path.exists(storage.removeprefix("sqlite:///")):
         return []  # the search has not created its study yet
+    import sqlalchemy.exc
+
     try:
         study = optuna.load_study(study_name=STUDY, storage=storage)
     except KeyError:  # the file is there, the study not yet
         return []
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+        return []  # the search is creating Optuna's schema in that file right now: look again later
     return [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
 
 

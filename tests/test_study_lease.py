@@ -118,3 +118,33 @@ def test_a_crash_while_a_trial_is_asked_leaves_it_failed_not_running(backend):
     assert trial.state == optuna.trial.TrialState.FAIL
     assert attr_value(trial.user_attrs[RECORD_ATTR])["failure_reason"] == (
         "could not sample a plan: ValueError: CategoricalDistribution does not support dynamic value space.")
+
+
+def test_a_database_another_process_is_creating_is_opened_again_not_failed(tmp_path, monkeypatch):
+    """Two searches starting on one new database both create Optuna's schema; the slower one's
+    failure (here the IntegrityError CI met, "UNIQUE constraint failed: alembic_version") makes
+    study_storage open it again, and a failure that persists is raised, not looped on."""
+    import sqlalchemy.exc
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", (), Exception("UNIQUE constraint failed"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(study_module.time, "sleep", lambda seconds: None)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert isinstance(study_module.study_storage(url), real) and len(calls) == 2
+
+    def always(url, **kwargs):
+        calls.append(url)
+        raise sqlalchemy.exc.OperationalError("CREATE TABLE studies", (), Exception("database is locked"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", always)
+    calls.clear()
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        study_module.study_storage(url)
+    assert len(calls) == study_module.STORAGE_OPEN_ATTEMPTS
