@@ -260,7 +260,6 @@ def test_nm_pattern_only_on_sites_with_nonzero_sparsity():
     assert torch.equal(model[3].weight, task.teacher[3].weight)
 
 
-
 @pytest.mark.parametrize("architecture", ["tiny_transformer", "tiny_llama", "tiny_gpt2"])
 def test_last_block_statistics_are_those_of_the_model_compressed_before_it(architecture):
     """The last block's sites get the statistics one whole-model pass gives on the model with every
